@@ -1,0 +1,107 @@
+"""Tests for the ``yarn-rope`` command line and the runnable examples."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import yarn_rope
+from yarn_rope import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TestFrequenciesCommand:
+    def test_table_and_json(self, tmp_path, capsys):
+        out = tmp_path / "table.json"
+        code = cli.main(
+            ["frequencies", "--factor", "8", "--original-max-position-embeddings", "4096", "--json", str(out)]
+        )
+        assert code == 0
+        printed = capsys.readouterr().out
+        table = json.loads(out.read_text())
+        assert len(table["pairs"]) == 64
+        assert table["attention_factor"] == pytest.approx(0.1 * math.log(8) + 1)
+        expected = yarn_rope.yarn_inv_freq(
+            128, base=10000.0, factor=8.0, original_max_position_embeddings=4096
+        )
+        assert [row["scaled_inv_freq"] for row in table["pairs"]] == expected.tolist()
+        regions = [row["region"] for row in table["pairs"]]
+        # Extrapolated pairs first, interpolated last, the ramp in between.
+        assert regions[0] == "extrapolated" and regions[-1] == "interpolated"
+        assert regions == sorted(regions, key=["extrapolated", "ramp", "interpolated"].index)
+        assert f"{regions.count('extrapolated')} extrapolated" in printed
+        assert "1.207944" in printed
+
+    def test_bad_value_is_a_clean_error(self, capsys):
+        assert cli.main(["frequencies", "--factor", "0.5"]) == 2
+        err = capsys.readouterr().err
+        assert "factor" in err and "0.5" in err and "Traceback" not in err
+
+    def test_unknown_method_rejected_by_parser(self):
+        with pytest.raises(SystemExit):
+            cli.main(["frequencies", "--method", "yarn2"])
+
+    def test_version_and_help(self):
+        result = subprocess.run(
+            [sys.executable, "-m", "yarn_rope.cli", "--version"], capture_output=True, text=True, check=True
+        )
+        assert result.stdout.strip() == f"yarn-rope {yarn_rope.__version__}"
+        result = subprocess.run(
+            [sys.executable, "-m", "yarn_rope.cli", "--help"], capture_output=True, text=True, check=True
+        )
+        assert "frequencies" in result.stdout
+
+
+class TestPackage:
+    def test_design_contract_names(self):
+        for name in ("yarn_inv_freq", "yarn_mscale", "dynamic_factor", "inv_freq", "RopeScaling"):
+            assert name in yarn_rope.__all__ and callable(getattr(yarn_rope, name))
+        assert yarn_rope.METHODS == (
+            "none",
+            "linear",
+            "ntk",
+            "ntk-by-parts",
+            "dynamic-ntk",
+            "yarn",
+            "dynamic-yarn",
+        )
+
+    def test_import_has_no_side_effects(self):
+        code = (
+            "import logging, sys, torch\n"
+            "before = (logging.getLogger().handlers[:], torch.get_default_dtype())\n"
+            "import yarn_rope\n"
+            "assert logging.getLogger().handlers == before[0], 'logging configured on import'\n"
+            "assert torch.get_default_dtype() == before[1]\n"
+            "assert 'transformers' not in sys.modules, 'transformers imported eagerly'\n"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+    def test_public_results_are_float32(self):
+        table, attention = yarn_rope.inv_freq(
+            "yarn", 64, base=1e4, factor=4.0, original_max_position_embeddings=2048
+        )
+        assert table.dtype == torch.float32 and isinstance(attention, float)
+
+
+class TestExamples:
+    def test_compare_methods_runs(self):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "compare_methods.py"), "--factor", "4"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        lines = result.stdout.splitlines()
+        yarn_line = next(line for line in lines if line.startswith("yarn "))
+        linear_line = next(line for line in lines if line.startswith("linear "))
+        # YaRN leaves the fastest pair alone and divides the slowest by the factor; linear divides all.
+        assert yarn_line.split()[1] == "1.000" and yarn_line.split()[-2] == "4.000"
+        assert linear_line.split()[1] == "4.000"
