@@ -460,6 +460,9 @@ def ntk_by_parts_inv_freq(
     ntk_factor = _number("ntk_factor", ntk_factor)
     extrapolation_factor = _number("extrapolation_factor", extrapolation_factor)
     original = _integer("original_max_position_embeddings", original_max_position_embeddings)
+    if factor == 1.0:
+        # Both blends are then between equal tables; skip them so the result is exactly plain RoPE.
+        return default_inv_freq(dim, base=base, device=device)
     exponents = _exponents(dim, device)
     unchanged = 1.0 / (base**exponents)
     interpolated = 1.0 / (factor * (base**exponents))
@@ -701,7 +704,7 @@ def inv_freq(method: str, dim: int, *, base: float, **params: Any) -> tuple[torc
             finetuned=params.pop("finetuned", False),
         )
     else:
-        factor = params.pop("factor")
+        factor = _check_factor(params.pop("factor"), method=method)
         params.pop("finetuned", None)
         params.pop("max_position_embeddings", None)
     attention = yarn_attention_factor(
