@@ -50,7 +50,20 @@ _ALIASES: dict[str, str] = {
 _OTHER_HF_TYPES = ("llama3", "longrope", "su", "proportional", "mrope", "3d", "axial", "default_3d")
 # Keys that describe the model's rotary layout, not its scaling: read elsewhere, not here.
 _MODEL_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+_CONFIG_KEYS = ("rope_parameters", "rope_scaling", "max_position_embeddings")
 _FACTOR_METHODS = ("linear", "ntk", "ntk-by-parts", "dynamic-ntk", "yarn")
+_YARN_ONLY = (
+    "beta_fast",
+    "beta_slow",
+    "extrapolation_factor",
+    "truncate",
+    "attention_factor",
+    "attn_factor",
+    "mscale",
+    "mscale_all_dim",
+    "mscale_coefficient",
+)
+_ALWAYS_WRITTEN = ("factor", "original_max_position_embeddings", "max_position_embeddings")
 _NEEDS_ORIGINAL = ("ntk-by-parts", "dynamic-ntk", "yarn", "dynamic-yarn")
 
 
@@ -142,7 +155,8 @@ class RopeScaling:
         if factor is not None:
             factor = F._check_factor(factor, method=method)
         set_("factor", factor)
-        if method in ("yarn", "dynamic-yarn") and factor is not None and original and target:
+        uses_factor = method == "yarn" or (method == "dynamic-yarn" and self.finetuned)
+        if uses_factor and factor is not None and original and target:
             implied = target / original
             if not math.isclose(implied, factor, rel_tol=1e-9):
                 logger.warning(
@@ -183,6 +197,19 @@ class RopeScaling:
         if method in ("yarn", "dynamic-yarn"):
             # Checks the attention-factor knobs together (e.g. attention_factor with attn_factor).
             self.attention_scale(self.factor if self.factor is not None else 1.0)
+        else:
+            defaults = RopeScaling.__dataclass_fields__
+            ignored = [
+                name
+                for name in _YARN_ONLY
+                if getattr(self, name) != defaults[name].default
+                and not (name == "extrapolation_factor" and method == "ntk-by-parts")
+            ]
+            if ignored:
+                raise ValueError(
+                    f"{', '.join(f'{n}={getattr(self, n)!r}' for n in ignored)} only apply to the YaRN "
+                    f"methods and would have no effect on method {method!r}; drop them or use method='yarn'"
+                )
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
@@ -332,7 +359,9 @@ class RopeScaling:
             defaults = RopeScaling(method="none")
             for field in dataclasses.fields(self):
                 value = getattr(self, field.name)
-                if field.name != "method" and value is not None and value != getattr(defaults, field.name):
+                if field.name == "method" or value is None:
+                    continue
+                if field.name in _ALWAYS_WRITTEN or value != getattr(defaults, field.name):
                     out[field.name] = value
             return out
         rope_type = HF_ROPE_TYPES[self.method]
@@ -389,7 +418,9 @@ class RopeScaling:
 def _split_config(config: Any) -> tuple[Mapping[str, Any] | None, dict[str, Any]]:
     """(scaling dict or None, config-level values) from a config object or dict."""
     if isinstance(config, Mapping):
-        if not any(key in config for key in ("rope_parameters", "rope_scaling", "max_position_embeddings")):
+        # A bare scaling dict names its type (and may carry max_position_embeddings, see to_hf).
+        is_config = "rope_type" not in config and "type" not in config
+        if not (is_config and any(key in config for key in _CONFIG_KEYS)):
             return config, {}
         get = config.get
     elif hasattr(config, "to_dict") and (
