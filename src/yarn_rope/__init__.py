@@ -26,6 +26,7 @@ from .frequencies import (
     yarn_inv_freq,
     yarn_mscale,
 )
+from .patch import PatchInfo, UnsupportedModelError, patch, patch_info, patched, unpatch
 from .rotary import RotaryEmbedding
 
 try:
@@ -35,8 +36,10 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "METHODS",
+    "PatchInfo",
     "RopeScaling",
     "RotaryEmbedding",
+    "UnsupportedModelError",
     "__version__",
     "default_inv_freq",
     "dynamic_factor",
@@ -45,7 +48,11 @@ __all__ = [
     "linear_inv_freq",
     "ntk_by_parts_inv_freq",
     "ntk_inv_freq",
+    "patch",
+    "patch_info",
+    "patched",
     "rotary_dim",
+    "unpatch",
     "yarn_attention_factor",
     "yarn_inv_freq",
     "yarn_mscale",
