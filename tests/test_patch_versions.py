@@ -194,3 +194,19 @@ class TestEveryArchitecture:
         yarn_rope.patch(model, factor=4.0, original_max_position_embeddings=64)
         out = model.generate(IDS[:, :8], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
         assert out.shape == (1, 14)
+
+
+@pytest.mark.slow
+class TestCompile:
+    @pytest.mark.parametrize("angles", ["precise", "fp32"])
+    def test_static_patch_adds_no_graph_break(self, angles):
+        model = build("llama")
+
+        def breaks() -> int:
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(lambda ids: model(input_ids=ids).logits)(IDS)
+            return explained.graph_break_count
+
+        vanilla = breaks()
+        yarn_rope.patch(model, factor=4.0, original_max_position_embeddings=64, angles=angles)
+        assert breaks() == vanilla

@@ -334,6 +334,9 @@ def _resolve(
             rope = _rope_dict(config, None) or {}
             original = rope.get("original_max_position_embeddings")
         if original is None:
+            # Phi-3 states the pretrained length at the config's top level (transformers prefers it).
+            original = getattr(config, "original_max_position_embeddings", None)
+        if original is None:
             original = getattr(config, "max_position_embeddings", None)
             if original is None:
                 raise ValueError(
@@ -390,7 +393,7 @@ def patch(
     scaling: RopeScaling | None = None,
     *,
     angles: AngleMode = "precise",
-    layer_types: str | Sequence[str] = _FULL_ATTENTION,
+    layer_types: str | Sequence[str] | None = None,
     replace: bool = False,
     **fields: Any,
 ) -> nn.Module:
@@ -413,8 +416,9 @@ def patch(
             ``config.max_position_embeddings`` (with a warning: it is only a guess). With
             neither, the model's own declared scaling is applied exactly.
         angles: ``"precise"`` (default) or ``"fp32"`` (bit-equal to transformers' tables).
-        layer_types: per-layer-type models: which layer types to scale: ``"full_attention"``
-            (default; sliding-window layers never see long distances), ``"all"``, or a list.
+        layer_types: per-layer-type models: which layer types to scale: ``None`` for the
+            full-attention layers (sliding-window layers never see long distances), ``"all"``, or
+            a list. An error on models with one table for all layers.
         replace: allow replacing a different scaling the model already uses (linear, llama3,
             longrope, ...). Without it that is an error.
 
@@ -455,8 +459,8 @@ def patch(
     return model
 
 
-def _freeze(layer_types: str | Sequence[str]) -> Any:
-    return layer_types if isinstance(layer_types, str) else tuple(layer_types)
+def _freeze(layer_types: str | Sequence[str] | None) -> Any:
+    return layer_types if layer_types is None or isinstance(layer_types, str) else tuple(layer_types)
 
 
 def _plan(
@@ -464,11 +468,16 @@ def _plan(
     scaling: RopeScaling | None,
     fields: dict[str, Any],
     angles: AngleMode,
-    layer_types: str | Sequence[str],
+    layer_types: str | Sequence[str] | None,
     replace: bool,
 ) -> _Plan:
     text_config = _model_config(model)
     sites = _find_sites(model, text_config)
+    if layer_types is not None and all(site.layer_types is None for site in sites):
+        raise ValueError(
+            f"layer_types={layer_types!r}: {type(model).__name__} has one rotary table for all layers; "
+            "layer_types applies to models with per-layer-type tables (Gemma3, ...)"
+        )
     swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
     config_values: list[tuple[Any, str, Any]] = []
     resolved: RopeScaling | None = None
@@ -503,7 +512,8 @@ def _plan(
             dim = 2 * table.shape[-1]
             base = _base(config, site.module, layer_type)
             if declared is not None and declared.method == "none" and not table.is_meta:
-                expected = default_inv_freq(dim, base=base)
+                # Rounded to the table's own dtype: a model cast to bf16 holds a bf16 table.
+                expected = default_inv_freq(dim, base=base).to(table.dtype).float()
                 if not torch.allclose(table.detach().float().cpu(), expected, rtol=1e-5, atol=0):
                     raise UnsupportedModelError(
                         f"{site.path}: its table is not plain RoPE with dim={dim}, base={base}; yarn_rope "
@@ -514,6 +524,9 @@ def _plan(
             )
         if site.layer_types is None:
             new: nn.Module = new_modules[""]
+            # Keep the replaced module in the tree (as a child of ours), so that model-wide casts
+            # and moves made while patched reach it and unpatch() returns it in the state they made.
+            new.original = site.module
         else:
             new = LayerTypeRotaryEmbedding(site.module, new_modules)
         _copy_device_hook(site.module, new)
@@ -521,7 +534,9 @@ def _plan(
 
         if not any(config is done for done in configs_done):
             configs_done.append(config)
-            config_values.extend(_config_changes(config, site_scaling, wanted))
+            changes = _config_changes(config, site_scaling, wanted)
+            _warn_if_config_refuses(config, changes)
+            config_values.extend(changes)
 
     assert resolved is not None
     info = PatchInfo(
@@ -530,7 +545,11 @@ def _plan(
     return _Plan(info=info, swaps=swaps, config_values=config_values)
 
 
-def _select_layer_types(available: tuple[str, ...], layer_types: str | Sequence[str]) -> tuple[str, ...]:
+def _select_layer_types(
+    available: tuple[str, ...], layer_types: str | Sequence[str] | None
+) -> tuple[str, ...]:
+    if layer_types is None:
+        layer_types = _FULL_ATTENTION
     if layer_types == "all":
         return available
     requested = (layer_types,) if isinstance(layer_types, str) else tuple(layer_types)
@@ -579,6 +598,25 @@ def _config_changes(
         # Phi-3 keeps the pretrained length at the top level, and transformers prefers it there.
         changes.append((config, "original_max_position_embeddings", scaling.original_max_position_embeddings))
     return changes
+
+
+def _warn_if_config_refuses(config: Any, changes: list[tuple[Any, str, Any]]) -> None:
+    """Warn when the config class will refuse to save the new rope dict (Phi-3 takes only longrope)."""
+    validate = getattr(config, "validate_rope", None)
+    if not callable(validate):
+        return
+    candidate = copy.copy(config)
+    for _, attribute, value in changes:
+        object.__setattr__(candidate, attribute, copy.deepcopy(value))
+    try:
+        candidate.validate_rope()
+    except Exception as error:  # whatever the config class raises, saving would raise it too
+        logger.warning(
+            "yarn_rope.patch: %s cannot record this scaling (%s). The patched model runs, but "
+            "save_pretrained will refuse to save it: save the unpatched model and patch it after loading.",
+            type(config).__name__,
+            str(error).splitlines()[-1].strip(),
+        )
 
 
 def _merge(old: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
