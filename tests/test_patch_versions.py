@@ -210,3 +210,25 @@ class TestCompile:
         vanilla = breaks()
         yarn_rope.patch(model, factor=4.0, original_max_position_embeddings=64, angles=angles)
         assert breaks() == vanilla
+
+
+class TestAttentionImplementations:
+    @pytest.mark.parametrize("attention", ["eager", "sdpa"])
+    def test_patch_is_independent_of_the_attention_kernel(self, attention):
+        def build_with(scaling: dict | None, max_positions: int):
+            model = build("llama", max_positions=max_positions, scaling=scaling)
+            config = model.config
+            torch.manual_seed(0)
+            return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
+
+        scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+        native = build_with(scaling, 256)
+        model = build_with(None, 64)
+        model.load_state_dict(native.state_dict())
+        yarn_rope.patch(model, factor=4.0, original_max_position_embeddings=64, angles="fp32")
+        ours = logits(model, IDS, POSITIONS)
+        if not RAMP_FROM_MAX:
+            assert torch.equal(ours, logits(native, IDS, POSITIONS))
+        if hasattr(model, "set_attn_implementation"):  # switching the kernel of a live model
+            model.set_attn_implementation("sdpa" if attention == "eager" else "eager")
+            torch.testing.assert_close(logits(model, IDS, POSITIONS), ours, atol=1e-5, rtol=1e-5)
