@@ -26,6 +26,7 @@ from .frequencies import (
     yarn_inv_freq,
     yarn_mscale,
 )
+from .loading import LoadPlan, from_pretrained, plan_load
 from .patch import PatchInfo, UnsupportedModelError, patch, patch_info, patched, unpatch
 from .rotary import RotaryEmbedding
 
@@ -36,6 +37,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "METHODS",
+    "LoadPlan",
     "PatchInfo",
     "RopeScaling",
     "RotaryEmbedding",
@@ -44,6 +46,7 @@ __all__ = [
     "default_inv_freq",
     "dynamic_factor",
     "dynamic_ntk_inv_freq",
+    "from_pretrained",
     "inv_freq",
     "linear_inv_freq",
     "ntk_by_parts_inv_freq",
@@ -51,6 +54,7 @@ __all__ = [
     "patch",
     "patch_info",
     "patched",
+    "plan_load",
     "rotary_dim",
     "unpatch",
     "yarn_attention_factor",
