@@ -1,0 +1,101 @@
+"""Runs ``examples/load_yarn_llama2_70b.ipynb`` against a tiny local Yarn-Llama-2-70b-32k look-alike.
+
+The checkpoint keeps the real one's config dialect (NousResearch ``rope_scaling`` with ``finetuned``,
+``auto_map`` naming the authors' modeling file, top-level ``rope_theta``) and head dimension 128, with
+one layer and a byte-level tokenizer, so the notebook's code runs unchanged in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import yarn_rope
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "examples" / "load_yarn_llama2_70b.ipynb"
+REFERENCE = json.loads((Path(__file__).parent / "data" / "yarn_reference.json").read_text())
+
+
+def byte_tokenizer(folder: Path) -> int:
+    """A byte-level tokenizer (256 bytes + bos/eos) saved into ``folder``; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<s>"], vocab["</s>"] = 256, 257
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def tiny_yarn_llama_70b(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("Yarn-Llama-2-70b-32k-tiny")
+    vocab = byte_tokenizer(folder)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=128,
+        bos_token_id=256,
+        eos_token_id=257,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("rope_parameters", None)
+    raw |= {
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 32768,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 4096,
+            "finetuned": True,
+        },
+        "auto_map": {
+            "AutoConfig": "configuration_llama.LlamaConfig",
+            "AutoModelForCausalLM": "modeling_llama_together_yarn.LlamaForCausalLM",
+        },
+    }
+    (folder / "config.json").write_text(json.dumps(raw))
+    for name in ("configuration_llama.py", "modeling_llama_together_yarn.py"):
+        (folder / name).write_text(f"open({str(folder / 'EXECUTED')!r}, 'w').write('remote code ran')\n")
+    return folder
+
+
+def test_notebook_runs_on_tiny_checkpoint(tiny_yarn_llama_70b, monkeypatch, capsys):
+    monkeypatch.setenv("YARN_ROPE_NOTEBOOK_MODEL", str(tiny_yarn_llama_70b))
+    monkeypatch.setenv("YARN_ROPE_NOTEBOOK_PROMPT_TOKENS", "600")
+    monkeypatch.setenv("YARN_ROPE_NOTEBOOK_NEW_TOKENS", "4")
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    namespace: dict = {}
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        for cell in cells:
+            if cell["cell_type"] == "code":
+                exec(compile("".join(cell["source"]), f"{NOTEBOOK.name}:{cell['id']}", "exec"), namespace)
+    finally:
+        transformers.logging.set_verbosity(previous)
+
+    printed = capsys.readouterr().out
+    assert not (tiny_yarn_llama_70b / "EXECUTED").exists()
+    model = namespace["model"]
+    assert type(model) is transformers.LlamaForCausalLM
+    case = next(c for c in REFERENCE["cases"] if c["name"] == "llama2-70b-32k")
+    assert torch.equal(model.model.rotary_emb.inv_freq, torch.tensor(case["inv_freq"]))
+    assert yarn_rope.patch_info(model).scaling.factor == 8.0
+    assert namespace["inputs"].input_ids.shape[1] >= 600
+    assert namespace["output"].shape[1] == namespace["inputs"].input_ids.shape[1] + 4
+    assert "never executed" in printed and "answer:" in printed
