@@ -108,11 +108,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def _uses_cuda(device_map: Any) -> bool:
     """Whether the weights will live on a GPU under ``device_map``."""
-    if not torch.cuda.is_available():
-        return False
-    if device_map is None or (
-        isinstance(device_map, str) and device_map.startswith(("auto", "balanced", "sequential"))
-    ):
+    if device_map is None or not torch.cuda.is_available():
+        return False  # transformers loads to the CPU without a device_map
+    if isinstance(device_map, str) and device_map.startswith(("auto", "balanced", "sequential")):
         return True
     places = device_map.values() if isinstance(device_map, dict) else [device_map]
     return any(str(place) not in ("cpu", "disk", "meta") for place in places)
@@ -241,7 +239,14 @@ def _check_shards(folder: Path) -> None:
 
 
 def _safetensors_numel(folder: Path) -> int | None:
-    files = sorted(folder.glob("*.safetensors"))
+    """Elements of the weights transformers will load: the indexed shards, else model.safetensors."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        files = sorted({folder / name for name in _read_json(index_path)["weight_map"].values()})
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
     total = 0
@@ -414,7 +419,7 @@ def plan_load(
             folder if folder.is_dir() else gguf_path.parent, gguf_file=gguf_path.name
         )
         raw = config.to_dict()
-        raw.pop("rope_scaling", None)
+        raw.pop("rope_parameters", None)  # transformers' GGUF config has no scaling: ours replaces it
         raw["rope_scaling"] = rope
         where = str(gguf_path)
         weight_bytes: int | None = numel * bytes_per
@@ -487,7 +492,7 @@ def from_pretrained(
             ``"float32"``, ``"float16"``, ``"bfloat16"`` or a ``torch.dtype``.
         device_map: passed to transformers/accelerate (``"auto"`` spreads a 70B model over the
             GPUs; ``max_memory=`` passes through too). Weights are loaded once, straight into
-            place.
+            place. Without one the weights load to the CPU, and ``"auto"`` choices are the CPU's.
         scaling: settings that replace what the checkpoint declares.
         angles: angle mode of the inserted rotary modules (see :mod:`yarn_rope.rotary`).
         **from_pretrained_kwargs: passed to transformers' ``from_pretrained`` unchanged
@@ -540,12 +545,14 @@ def from_pretrained(
         kwargs["config"] = AutoConfig.for_model(model_type, **cleaned)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
-        dtype=_DTYPES[plan.dtype],
+        dtype=getattr(torch, plan.dtype),
         attn_implementation=plan.attn_implementation,
         device_map=device_map,
         trust_remote_code=False,
         **kwargs,
     )
+    # output_loading_info=True makes transformers return (model, info).
+    loaded = model[0] if isinstance(model, tuple) else model
     if plan.scaling.method != "none":
-        patch(model, plan.scaling, angles=angles, replace=True)
+        patch(loaded, plan.scaling, angles=angles, replace=True)
     return model
