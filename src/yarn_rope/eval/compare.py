@@ -1,0 +1,162 @@
+"""Run one evaluation under several scaling methods of the same model, and plot the result."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import RopeScaling
+from ..patch import patched, unpatched
+from .perplexity import PerplexityResult, perplexity
+
+__all__ = ["MethodResult", "compare_perplexity", "plot_perplexity", "scaling_for"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+    """One method's perplexity by length; ``label`` names it in tables and plots."""
+
+    method: str
+    label: str
+    result: PerplexityResult
+
+    def records(self) -> list[dict[str, Any]]:
+        """Flat records, one per length: method, label, length, perplexity, nll, tokens."""
+        return [
+            {
+                "method": self.method,
+                "label": self.label,
+                "length": entry.length,
+                "perplexity": entry.perplexity,
+                "nll": entry.nll,
+                "tokens": entry.tokens,
+            }
+            for entry in self.result.lengths
+        ]
+
+
+def scaling_for(
+    method: str, *, factor: float, original_max_position_embeddings: int, finetuned: bool = False
+) -> RopeScaling:
+    """The settings a comparison uses for ``method`` at ``factor`` over the original length."""
+    if method == "none":
+        return RopeScaling(method="none")
+    if method in ("linear", "ntk"):
+        return RopeScaling(method=method, factor=factor)
+    if method == "dynamic-yarn":
+        return RopeScaling(
+            method=method,
+            factor=factor if finetuned else None,
+            original_max_position_embeddings=original_max_position_embeddings,
+            finetuned=finetuned,
+        )
+    return RopeScaling(
+        method=method, factor=factor, original_max_position_embeddings=original_max_position_embeddings
+    )
+
+
+def _label(scaling: RopeScaling) -> str:
+    if scaling.method == "none":
+        return "plain RoPE"
+    if scaling.method == "dynamic-yarn" and not scaling.finetuned:
+        return "dynamic-yarn"
+    return f"{scaling.method} x{scaling.factor:g}"
+
+
+def compare_perplexity(
+    model: Any,
+    documents: Any,
+    *,
+    methods: Sequence[str],
+    factor: float,
+    original_max_position_embeddings: int,
+    lengths: Sequence[int],
+    stride: int | None = None,
+    tokenizer: Any | None = None,
+    angles: str = "precise",
+    progress: bool = True,
+) -> list[MethodResult]:
+    """:func:`~yarn_rope.eval.perplexity` of ``model`` under each method, the model restored after each.
+
+    ``none`` is the model's own rotary embedding without any yarn_rope patch; the others are
+    applied with :func:`yarn_rope.patched` at ``factor`` over ``original_max_position_embeddings``.
+    A patch the caller had applied is in force again afterwards.
+    """
+    if not methods:
+        raise ValueError("methods must name at least one method")
+    results = []
+    with unpatched(model):  # a patch the caller applied is put back afterwards
+        for method in methods:
+            scaling = scaling_for(
+                method, factor=factor, original_max_position_embeddings=original_max_position_embeddings
+            )
+            logger.info("perplexity under %s", _label(scaling))
+            context = (
+                contextlib.nullcontext()
+                if scaling.method == "none"
+                else patched(model, scaling, angles=angles, replace=True)
+            )
+            with context:
+                result = perplexity(
+                    model, documents, lengths=lengths, stride=stride, tokenizer=tokenizer, progress=progress
+                )
+            results.append(MethodResult(method=method, label=_label(scaling), result=result))
+    return results
+
+
+def plot_perplexity(
+    results: Sequence[MethodResult],
+    path: str | os.PathLike[str],
+    *,
+    trained_length: int | None = None,
+    title: str = "",
+) -> None:
+    """Perplexity against context length, one line per method (PNG, SVG or PDF by extension).
+
+    Raises:
+        ImportError: matplotlib is missing (``pip install 'yarn-rope[plot]'``).
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("plotting needs matplotlib: pip install 'yarn-rope[plot]'")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
+    try:
+        for entry in results:
+            xs = [r.length for r in entry.result.lengths]
+            ys = [r.perplexity for r in entry.result.lengths]
+            axis.plot(xs, ys, marker="o", label=entry.label)
+        axis.set_ylim(bottom=0)
+        if trained_length is not None:
+            axis.axvline(trained_length, color="grey", linestyle="--", linewidth=1)
+            axis.text(
+                trained_length,
+                0.02,
+                " trained context",
+                transform=axis.get_xaxis_transform(),
+                fontsize=8,
+                color="grey",
+                va="bottom",
+            )
+        axis.set_xlabel("context length (tokens)")
+        axis.set_ylabel("perplexity")
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+        if title:
+            axis.set_title(title)
+        figure.tight_layout()
+        tmp = f"{os.fspath(path)}.tmp{os.path.splitext(os.fspath(path))[1]}"
+        figure.savefig(tmp)
+        os.replace(tmp, path)  # never a half-written plot
+    finally:
+        plt.close(figure)
