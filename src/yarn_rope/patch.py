@@ -26,13 +26,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .cache import KeyCacheSync
 from .config import RopeScaling
 from .frequencies import default_inv_freq
 from .rotary import ANGLE_MODES, AngleMode, RotaryEmbedding
@@ -92,6 +95,7 @@ class _Plan:
     info: PatchInfo
     swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]]  # parent, attribute, original, new
     config_values: list[tuple[Any, str, Any]]  # config, attribute, new value
+    cache_hook: tuple[nn.Module, KeyCacheSync] | None = None  # dynamic methods: (decoder, hook)
 
 
 @dataclasses.dataclass
@@ -102,6 +106,7 @@ class _Record:
     request: tuple[Any, ...]  # what the caller asked for, to make a repeated call a no-op
     originals: list[tuple[nn.Module, str, nn.Module]]  # (parent, attribute, original module)
     config_values: list[tuple[Any, str, bool, Any]]  # (config, attribute, existed, original value)
+    hook_handle: Any = None  # the registered KeyCacheSync, removed by unpatch
 
 
 class LayerTypeRotaryEmbedding(nn.Module):
@@ -396,6 +401,7 @@ def patch(
     angles: AngleMode = "precise",
     layer_types: str | Sequence[str] | None = None,
     replace: bool = False,
+    schedule: str | float = "auto",
     **fields: Any,
 ) -> nn.Module:
     """Scale the rotary embeddings of a live transformers model, in place.
@@ -422,6 +428,12 @@ def patch(
             a list. An error on models with one table for all layers.
         replace: allow replacing a different scaling the model already uses (linear, llama3,
             longrope, ...). Without it that is an error.
+        schedule: dynamic methods: when the table may change as the sequence grows.
+            ``"exact"``: the reference rule (at every length that calls for another factor);
+            a number ``g > 1``: at lengths ``threshold * g^k`` only; ``"auto"`` (default):
+            ``"exact"`` for float32 models, ``sqrt(2)`` for float16/bfloat16 ones, whose KV cache
+            rounds once per re-rotation. Keys already in the KV cache are re-rotated to each new
+            table (see :mod:`yarn_rope.cache`).
 
     Returns:
         ``model``.
@@ -436,7 +448,7 @@ def patch(
         raise ValueError(f"angles must be one of {ANGLE_MODES}, got {angles!r}")
     if not isinstance(replace, bool):
         raise TypeError(f"replace must be True or False, got {replace!r}")
-    request = (scaling, tuple(sorted(fields.items())), angles, _freeze(layer_types), replace)
+    request = (scaling, tuple(sorted(fields.items())), angles, _freeze(layer_types), replace, schedule)
     record: _Record | None = getattr(model, _STATE_ATTR, None)
     if record is not None and record.request == request:
         return model
@@ -446,17 +458,11 @@ def patch(
     if record is not None:
         unpatch(model)
     try:
-        _apply_plan(model, _plan(model, scaling, fields, angles, layer_types, replace), request)
+        _apply_plan(model, _plan(model, scaling, fields, angles, layer_types, replace, schedule), request)
     except BaseException:
         if record is not None:
             _apply_plan(model, record.plan, record.request)
         raise
-    info = patch_info(model)
-    if info is not None and info.scaling.is_dynamic:
-        logger.warning(
-            "yarn_rope.patch: dynamic scaling changes the frequencies as the sequence grows; keys already "
-            "in a KV cache keep the frequencies they were rotated with"
-        )
     return model
 
 
@@ -471,6 +477,7 @@ def _plan(
     angles: AngleMode,
     layer_types: str | Sequence[str] | None,
     replace: bool,
+    schedule: str | float = "auto",
 ) -> _Plan:
     text_config = _model_config(model)
     sites = _find_sites(model, text_config)
@@ -521,7 +528,12 @@ def _plan(
                         "cannot read this rotary layout"
                     )
             new_modules[layer_type or ""] = RotaryEmbedding(
-                dim, base=base, scaling=site_scaling, angles=angles, device=table.device
+                dim,
+                base=base,
+                scaling=site_scaling,
+                angles=angles,
+                growth=_growth(schedule, model) if site_scaling.is_dynamic else None,
+                device=table.device,
             )
         if site.layer_types is None:
             new: nn.Module = new_modules[""]
@@ -540,10 +552,51 @@ def _plan(
             config_values.extend(changes)
 
     assert resolved is not None
+    cache_hook = _cache_hook(sites, swaps, text_config, scaled_types) if resolved.is_dynamic else None
     info = PatchInfo(
         scaling=resolved, angles=angles, modules=tuple(s.path for s in sites), layer_types=scaled_types
     )
-    return _Plan(info=info, swaps=swaps, config_values=config_values)
+    return _Plan(info=info, swaps=swaps, config_values=config_values, cache_hook=cache_hook)
+
+
+def _growth(schedule: str | float, model: nn.Module) -> float | None:
+    """The growth ratio of a dynamic table for ``schedule`` (see :func:`patch`)."""
+    if schedule == "exact":
+        return None
+    if schedule == "auto":
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return math.sqrt(2.0) if dtype in (torch.float16, torch.bfloat16) else None
+    if isinstance(schedule, bool) or not isinstance(schedule, (int, float)) or not 1 < schedule < math.inf:
+        raise ValueError(f"schedule must be 'auto', 'exact' or a growth ratio > 1, got {schedule!r}")
+    return float(schedule)
+
+
+def _cache_hook(
+    sites: list[_Site],
+    swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]],
+    config: Any,
+    scaled_types: tuple[str, ...] | None,
+) -> tuple[nn.Module, KeyCacheSync]:
+    """(decoder, hook) that keeps a KV cache at the current dynamic table."""
+    rotaries: list[RotaryEmbedding] = []
+    for _, _, _, new in swaps:
+        rotaries.extend(m for m in new.modules() if isinstance(m, RotaryEmbedding))
+    decoders = [
+        (site.path.count("."), site.parent)
+        for site in sites
+        if "past_key_values" in inspect.signature(site.parent.forward).parameters
+    ]
+    if not decoders:
+        raise UnsupportedModelError(
+            "dynamic scaling needs the decoder that holds the KV cache; none of the rotary modules' "
+            f"parents ({', '.join(type(site.parent).__name__ for site in sites)}) takes past_key_values"
+        )
+    decoder = min(decoders, key=lambda item: item[0])[1]
+    layers = None
+    if scaled_types is not None:
+        kinds = getattr(config, "layer_types", None) or []
+        layers = [index for index, kind in enumerate(kinds) if kind in scaled_types]
+    return decoder, KeyCacheSync(rotaries, layers)
 
 
 def _select_layer_types(
@@ -637,14 +690,16 @@ def _apply_plan(model: nn.Module, plan: _Plan, request: tuple[Any, ...]) -> None
             existed = attribute in vars(config)
             done_config.append((config, attribute, existed, vars(config).get(attribute)))
             _set_config(config, attribute, value)
+        handle = None
+        if plan.cache_hook is not None:
+            decoder, hook = plan.cache_hook
+            handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
     except BaseException:
         _restore(done_swaps, done_config)
         raise
-    setattr(
-        model,
-        _STATE_ATTR,
-        _Record(plan=plan, request=request, originals=done_swaps, config_values=done_config),
-    )
+    record = _Record(plan=plan, request=request, originals=done_swaps, config_values=done_config)
+    record.hook_handle = handle
+    setattr(model, _STATE_ATTR, record)
 
 
 def _set_config(config: Any, attribute: str, value: Any) -> None:
@@ -674,6 +729,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     record: _Record | None = getattr(model, _STATE_ATTR, None)
     if record is None:
         return model
+    if record.hook_handle is not None:
+        record.hook_handle.remove()
     _restore(record.originals, record.config_values)
     delattr(model, _STATE_ATTR)
     return model

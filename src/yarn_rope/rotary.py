@@ -48,6 +48,10 @@ class RotaryEmbedding(nn.Module):
         scaling: the scaling settings; ``None`` is plain RoPE.
         angles: ``"precise"`` (float64 angle reduction, default) or ``"fp32"`` (transformers'
             float32 angles, bit-equal to its table).
+        growth: dynamic methods: ``None`` follows the reference rule (a new table whenever the
+            length calls for another factor); a number ``g > 1`` rounds lengths up to the grid
+            ``threshold * g^k``, so the table (and a KV cache re-rotated with it) changes only
+            at grid points.
         device: where to build the table.
 
     Attributes:
@@ -69,6 +73,7 @@ class RotaryEmbedding(nn.Module):
         base: float,
         scaling: RopeScaling | None = None,
         angles: AngleMode = "precise",
+        growth: float | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -80,8 +85,13 @@ class RotaryEmbedding(nn.Module):
             raise TypeError(f"scaling must be a yarn_rope.RopeScaling, got {type(scaling).__name__}")
         if angles not in ANGLE_MODES:
             raise ValueError(f"angles must be one of {ANGLE_MODES}, got {angles!r}")
+        if growth is not None and (
+            isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 1.0 < growth < math.inf
+        ):
+            raise ValueError(f"growth must be None (the reference rule) or a number > 1, got {growth!r}")
         self.scaling = scaling
         self.angles: AngleMode = angles
+        self.growth = None if growth is None else float(growth)
         # Dynamic methods: the sequence length the current table was built for (its "key").
         self._table_key: float | None = None
         self._table_seq_len: int | None = scaling.threshold()
@@ -90,6 +100,20 @@ class RotaryEmbedding(nn.Module):
         self._table_key = self._key(self._table_seq_len)
 
     # ----------------------------------------------------------------------------------------
+
+    def _effective_length(self, seq_len: int) -> int:
+        """``seq_len`` rounded up to the growth grid ``threshold * growth^k`` (dynamic methods).
+
+        With ``growth=None`` (the reference rule) the table follows every length; with a grid it
+        changes only when the sequence crosses a grid point, so a KV cache is re-rotated a handful
+        of times instead of at every step (each re-rotation of a half-precision cache rounds).
+        """
+        threshold = self.scaling.threshold()
+        if self.growth is None or threshold is None or seq_len <= threshold:
+            return seq_len
+        steps = math.ceil(math.log(seq_len / threshold) / math.log(self.growth) - 1e-12)
+        # Rounded with a tolerance: threshold * sqrt(2)^2 is 64.00000000000001 in floats, not 65.
+        return max(seq_len, math.ceil(threshold * self.growth**steps - 1e-9))
 
     def _key(self, seq_len: int | None) -> float | None:
         """What the table depends on: YaRN's factor, or NTK's grown length; ``None`` if static."""
@@ -120,13 +144,36 @@ class RotaryEmbedding(nn.Module):
         """Recompute the table in place (e.g. after ``to_empty()`` on a meta-device model)."""
         self._rebuild(self.inv_freq.device)
 
+    def set_length(self, seq_len: int) -> bool:
+        """Dynamic methods: make the table the one for sequences of ``seq_len`` tokens.
+
+        Returns:
+            whether the table changed.
+        """
+        length = self._effective_length(seq_len)
+        key = self._key(length)
+        if key == self._table_key:
+            return False
+        self._table_seq_len = length
+        self._table_key = key
+        self._rebuild(self.inv_freq.device)
+        return True
+
+    def table_for(self, seq_len: int) -> tuple[float | None, torch.Tensor, float]:
+        """(key, inv_freq, attention factor) of the table for ``seq_len`` tokens; no state change."""
+        length = self._effective_length(seq_len)
+        inv_freq, scale = self.scaling.inv_freq(
+            self.dim, base=self.base, seq_len=length, device=self.inv_freq.device
+        )
+        return self._key(length), inv_freq, scale
+
+    @property
+    def table_key(self) -> float | None:
+        """Dynamic methods: what the current table was built for (see :meth:`set_length`)."""
+        return self._table_key
+
     def _update_dynamic(self, position_ids: torch.Tensor) -> None:
-        seq_len = int(position_ids.max()) + 1
-        key = self._key(seq_len)
-        if key != self._table_key:
-            self._table_seq_len = seq_len
-            self._table_key = key
-            self._rebuild(self.inv_freq.device)
+        self.set_length(int(position_ids.max()) + 1)
 
     # ----------------------------------------------------------------------------------------
 
