@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -278,7 +279,10 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     for method in args.method or ["none", "yarn"]:
         scaling = scaling_for(method, factor=args.factor, original_max_position_embeddings=original)
-        if scaling.method == "none":
+        context = (
+            contextlib.nullcontext() if scaling.method == "none" else patched(model, scaling, replace=True)
+        )
+        with context:
             result = passkey(
                 model,
                 tokenizer,
@@ -287,16 +291,6 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 progress=not args.no_progress,
             )
-        else:
-            with patched(model, scaling, replace=True):
-                result = passkey(
-                    model,
-                    tokenizer,
-                    lengths=args.lengths,
-                    trials=args.trials,
-                    seed=args.seed,
-                    progress=not args.no_progress,
-                )
         rows[method] = result.accuracy
         records.extend({"method": method, "length": n, "accuracy": acc} for n, acc in result.accuracy.items())
     print("passkey accuracy" + "".join(f"{method:>12}" for method in rows))

@@ -52,17 +52,7 @@ _OTHER_HF_TYPES = ("llama3", "longrope", "su", "proportional", "mrope", "3d", "a
 _MODEL_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
 _CONFIG_KEYS = ("rope_parameters", "rope_scaling", "max_position_embeddings")
 _FACTOR_METHODS = ("linear", "ntk", "ntk-by-parts", "dynamic-ntk", "yarn")
-_YARN_ONLY = (
-    "beta_fast",
-    "beta_slow",
-    "extrapolation_factor",
-    "truncate",
-    "attention_factor",
-    "attn_factor",
-    "mscale",
-    "mscale_all_dim",
-    "mscale_coefficient",
-)
+_YARN_ONLY = F.YARN_SETTINGS
 _ALWAYS_WRITTEN = ("factor", "original_max_position_embeddings", "max_position_embeddings")
 _NEEDS_ORIGINAL = ("ntk-by-parts", "dynamic-ntk", "yarn", "dynamic-yarn")
 

@@ -564,6 +564,18 @@ def dynamic_factor(
 # Any method by name
 # --------------------------------------------------------------------------------------------
 
+#: Settings only the YaRN methods read (the ramp and the attention-factor knobs).
+YARN_SETTINGS: tuple[str, ...] = (
+    "beta_fast",
+    "beta_slow",
+    "extrapolation_factor",
+    "truncate",
+    "attention_factor",
+    "attn_factor",
+    "mscale",
+    "mscale_all_dim",
+    "mscale_coefficient",
+)
 _COMMON = {"device"}
 _PARAMS: dict[str, set[str]] = {
     "none": set(),
@@ -587,15 +599,7 @@ _PARAMS: dict[str, set[str]] = {
     "yarn": {
         "factor",
         "original_max_position_embeddings",
-        "beta_fast",
-        "beta_slow",
-        "extrapolation_factor",
-        "truncate",
-        "attention_factor",
-        "attn_factor",
-        "mscale",
-        "mscale_all_dim",
-        "mscale_coefficient",
+        *YARN_SETTINGS,
         # Accepted so NousResearch-style settings pass through unchanged; static YaRN ignores them.
         "finetuned",
         "max_position_embeddings",
