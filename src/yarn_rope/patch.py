@@ -448,6 +448,8 @@ def patch(
         raise ValueError(f"angles must be one of {ANGLE_MODES}, got {angles!r}")
     if not isinstance(replace, bool):
         raise TypeError(f"replace must be True or False, got {replace!r}")
+    if schedule not in ("auto", "exact"):
+        _growth(schedule, model)  # a bad value is an error whatever the method
     request = (scaling, tuple(sorted(fields.items())), angles, _freeze(layer_types), replace, schedule)
     record: _Record | None = getattr(model, _STATE_ATTR, None)
     if record is not None and record.request == request:
