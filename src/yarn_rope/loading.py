@@ -78,6 +78,7 @@ class LoadPlan:
         attn_implementation: the attention kernel, and ``attn_reason`` why.
         dtype: the weights' dtype name.
         weight_bytes: memory the weights need in ``dtype`` (``None`` when unknown before download).
+        config: the checkpoint's config as read (``config.json``, or built from the GGUF file).
     """
 
     source: str
@@ -91,6 +92,7 @@ class LoadPlan:
     attn_reason: str
     dtype: str
     weight_bytes: int | None
+    config: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -462,6 +464,7 @@ def plan_load(
         attn_reason=attn_reason,
         dtype=str(torch_dtype).removeprefix("torch."),
         weight_bytes=weight_bytes,
+        config=raw,
     )
 
 
@@ -537,10 +540,7 @@ def from_pretrained(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if gguf_file is None:
-        raw = _read_json(
-            _config_file(os.fspath(name_or_path), {k: kwargs.get(k) for k in _HUB_KEYS if k in kwargs})
-        )
-        cleaned = _neutral_rope(raw)
+        cleaned = _neutral_rope(plan.config)
         model_type = cleaned.pop("model_type")
         kwargs["config"] = AutoConfig.for_model(model_type, **cleaned)
     model = AutoModelForCausalLM.from_pretrained(
