@@ -54,19 +54,6 @@ def quiet_transformers():
     transformers.logging.enable_progress_bar()
 
 
-def save_byte_tokenizer(folder: Path) -> None:
-    """A byte-level tokenizer (256 bytes + <s>/</s>, no merges) saved into ``folder``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<s>"], vocab["</s>"] = 256, 257
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(folder)
-
-
 def tiny_config(vocab_size: int = VOCAB, **overrides) -> transformers.LlamaConfig:
     fields = dict(
         vocab_size=vocab_size,
@@ -96,7 +83,7 @@ def model() -> transformers.LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def byte_tokenizer_folder(tmp_path_factory) -> Path:
+def byte_tokenizer_folder(tmp_path_factory, save_byte_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("byte-tokenizer")
     save_byte_tokenizer(folder)
     return folder
@@ -108,7 +95,7 @@ def byte_tokenizer(byte_tokenizer_folder):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def tiny_checkpoint(tmp_path_factory, save_byte_tokenizer) -> Path:
     """A tiny Llama with the byte tokenizer, saved as a local checkpoint folder."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     save_byte_tokenizer(folder)

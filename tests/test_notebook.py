@@ -21,24 +21,10 @@ NOTEBOOK = ROOT / "examples" / "load_yarn_llama2_70b.ipynb"
 REFERENCE = json.loads((Path(__file__).parent / "data" / "yarn_reference.json").read_text())
 
 
-def byte_tokenizer(folder: Path) -> int:
-    """A byte-level tokenizer (256 bytes + bos/eos) saved into ``folder``; returns its size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<s>"], vocab["</s>"] = 256, 257
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(folder)
-    return len(vocab)
-
-
 @pytest.fixture(scope="module")
-def tiny_yarn_llama_70b(tmp_path_factory) -> Path:
+def tiny_yarn_llama_70b(tmp_path_factory, save_byte_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("Yarn-Llama-2-70b-32k-tiny")
-    vocab = byte_tokenizer(folder)
+    vocab = save_byte_tokenizer(folder)
     config = transformers.LlamaConfig(
         vocab_size=vocab,
         hidden_size=128,
