@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .perplexity import check_lengths
+
 __all__ = ["PasskeyPrompt", "PasskeyResult", "PasskeyTrial", "build_prompt", "passkey"]
 
 INTRO = (
@@ -119,12 +121,7 @@ def passkey(
     Returns:
         :class:`PasskeyResult`.
     """
-    if isinstance(lengths, int):
-        lengths = [lengths]
-    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
-        raise ValueError(f"lengths must be positive whole numbers, got {lengths!r}")
-    if len(set(lengths)) != len(lengths):
-        raise ValueError(f"lengths must not repeat, got {list(lengths)!r}")
+    lengths = check_lengths(lengths, minimum=1)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive whole number, got {trials!r}")
     from tqdm.auto import tqdm

@@ -208,6 +208,16 @@ def _is_dynamic(model: Any) -> bool:
     return "dynamic" in rope_type or rope_type == "longrope"
 
 
+def check_lengths(lengths: int | Sequence[int], *, minimum: int) -> list[int]:
+    """``lengths`` as a list of distinct whole numbers ``>= minimum``, or a ValueError saying why."""
+    values = [lengths] if isinstance(lengths, int) else list(lengths)
+    if not values or any(isinstance(n, bool) or not isinstance(n, int) or n < minimum for n in values):
+        raise ValueError(f"lengths must be whole numbers >= {minimum}, got {lengths!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"lengths must not repeat, got {values!r}")
+    return values
+
+
 def sliding_windows(total: int, length: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """Windows ``(begin, end, first_new)`` over ``total`` tokens; no target is scored twice.
 
@@ -262,12 +272,7 @@ def perplexity(
             long as a requested length.
         TypeError: inputs of the wrong kind.
     """
-    if isinstance(lengths, int):
-        lengths = [lengths]
-    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in lengths):
-        raise ValueError(f"lengths must be whole numbers >= 2, got {lengths!r}")
-    if len(set(lengths)) != len(lengths):
-        raise ValueError(f"lengths must not repeat, got {list(lengths)!r}")
+    lengths = check_lengths(lengths, minimum=2)
     if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
         raise ValueError(f"stride must be a positive whole number or None (truncate mode), got {stride!r}")
     if stride is not None and stride > min(lengths):
