@@ -200,8 +200,8 @@ class RotaryEmbedding(nn.Module):
             sin = emb.sin() * self.attention_scaling
         else:
             reduced = _reduced_angles(position_ids.to(x.device), inv_freq)
-            cos_half = reduced.cos() * self.attention_scaling
-            sin_half = reduced.sin() * self.attention_scaling
+            cos_half = reduced.cos().mul_(self.attention_scaling)
+            sin_half = reduced.sin().mul_(self.attention_scaling)
             cos = torch.cat((cos_half, cos_half), dim=-1)
             sin = torch.cat((sin_half, sin_half), dim=-1)
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
@@ -220,5 +220,7 @@ def _reduced_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch
     if position_ids.device.type == "mps":  # no float64 there
         return _reduced_angles(position_ids.cpu(), inv_freq.cpu()).to(position_ids.device)
     angles = position_ids[..., None].to(torch.float64) * inv_freq.to(torch.float64)
-    reduced = angles - _TWO_PI * torch.round(angles / _TWO_PI)
-    return reduced.to(torch.float32)
+    # angles - 2 pi * round(angles / 2 pi), in place: these are the large temporaries of a prefill.
+    turns = torch.div(angles, _TWO_PI).round_().mul_(_TWO_PI)
+    return angles.sub_(turns).to(torch.float32)
+
