@@ -223,4 +223,3 @@ def _reduced_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch
     # angles - 2 pi * round(angles / 2 pi), in place: these are the large temporaries of a prefill.
     turns = torch.div(angles, _TWO_PI).round_().mul_(_TWO_PI)
     return angles.sub_(turns).to(torch.float32)
-
