@@ -205,7 +205,9 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        if value == 0 or 1e-3 <= abs(value) < 1e6:
-            return f"{value:.4g}" if abs(value) < 10 else f"{value:,.1f}"
-        return f"{value:.2e}"
+        if value != value or value == 0 or not 1e-3 <= abs(value) < 1e6:  # nan, 0, tiny, huge
+            return f"{value:.2e}" if value == value and value != 0 else str(value)
+        if abs(value) < 1:
+            return f"{value:.4g}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:,.1f}"
     return str(value)

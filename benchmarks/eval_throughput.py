@@ -1,6 +1,6 @@
 """Throughput of yarn_rope's perplexity evaluation: against a plain forward + loss, and the machine.
 
-Run: .venv/bin/python benchmarks/eval_throughput.py [--lengths 2048 4096] [--rounds 3] [--json OUT]
+Run: .venv/bin/python benchmarks/eval_throughput.py [--lengths 2048 4096 8192] [--rounds 3] [--json OUT]
 
 On SmolLM2-135M (float32, sdpa; YaRN with factor ``length / 8192`` past its trained context), the
 first ``length`` tokens of ``_pydecimal.py`` are scored two ways, in paired rounds that alternate
@@ -42,7 +42,7 @@ from eval_memory import load
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--rounds", type=int, default=3, help="paired rounds per length")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak measurement")

@@ -156,16 +156,23 @@ def token_nll(
             stop = min(start + chunk_size, targets.numel())
             target = targets[start:stop].to(device)
             keep = target != -100
-            if not bool(keep.any()):
+            kept = int(keep.sum())
+            if kept == 0:
                 continue
-            logits = head(hidden[start:stop][keep]).float()
+            if kept == target.numel():  # no masked labels: no gather copies
+                states, keep_cpu = hidden[start:stop], None
+            else:
+                states, target, keep_cpu = hidden[start:stop][keep], target[keep], keep.cpu()
+            logits = head(states).float()
             if scale is not None:
                 logits = logits * scale
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
-            losses = F.cross_entropy(logits, target[keep], reduction="none").cpu()
-            chunk = out[start:stop]
-            chunk[keep.cpu()] = losses
+            losses = F.cross_entropy(logits, target, reduction="none").cpu()
+            if keep_cpu is None:
+                out[start:stop] = losses
+            else:
+                out[start:stop][keep_cpu] = losses
     return out
 
 
