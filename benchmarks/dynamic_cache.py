@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import statistics
 import time
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 import transformers
 
 import yarn_rope
+from _common import machine, write_json
 from yarn_rope.cache import KeyCacheSync
 from yarn_rope.eval import load_default_model
 
@@ -127,9 +127,10 @@ def main() -> None:
         f"re-rotations: {report['rerotations']}"
     )
     print(f"headline: dynamic / static total decode time = {report['headline']:.3f} (goal <= 1.10)")
+    report["headline_means"] = "dynamic (sqrt(2) grid) / static YaRN total decode time"
+    report["machine"] = machine()
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=1)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":
