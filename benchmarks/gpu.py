@@ -4,7 +4,7 @@ Run (GPU machine, from the repository root; needs torch + transformers, yarn_rop
     PYTHONPATH=src python benchmarks/gpu.py --json gpu.json
 Without CUDA the same code runs on the CPU with a tiny shape (what CI's smoke test does).
 
-One process, under 8 minutes on an H200:
+One process, sized for 8 minutes on an H200 (by estimate: never run on one yet):
 
 1. the bf16 matmul peak of this GPU, measured (best of repeated 8192^3 products): the limit;
 2. a Llama-2-7B-shaped model (hidden 4096, 32 heads, MLP 11008, vocabulary 32000; ``--layers``,
@@ -25,7 +25,7 @@ The headline is the best prefill MFU at the longest length (a share of the measu
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gc
 import math
 import statistics
 import time
@@ -78,6 +78,13 @@ def set_attention(model: torch.nn.Module, name: str) -> None:
         model.config._attn_implementation = name
 
 
+def release(cuda: bool) -> None:
+    """Hand freed GPU memory back (after an out-of-memory error, before the next cell)."""
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
 def out_of_memory(error: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(error, oom) or "out of memory" in str(error).lower()
@@ -116,10 +123,11 @@ def decode(model: torch.nn.Module, ids: torch.Tensor, steps: int, device: torch.
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cuda' or 'cpu'")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda")
     parser.add_argument(
-        "--layers", type=int, default=None, help="decoder layers (default: 32 on GPU, 2 on CPU)"
+        "--shape", choices=("auto", "llama2-7b", "tiny"), default="auto", help="auto: 7b on GPU"
     )
+    parser.add_argument("--layers", type=int, default=None, help="default: all")
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="prefill lengths")
     parser.add_argument("--decode-context", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="decode steps per variant")
@@ -132,12 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda, but this machine has no CUDA device")
     device = torch.device("cuda" if cuda else "cpu")
-    shape, original = (LLAMA2_7B, 4096) if cuda else (TINY, 32)
+    big = args.shape == "llama2-7b" or (args.shape == "auto" and cuda)
+    shape, original = (LLAMA2_7B, 4096) if big else (TINY, 32)
     layers = args.layers or shape["layers"]
     factor = 8.0
     lengths = args.lengths or [int(original * n) for n in (1, 4, 8)]
     context = args.decode_context or int(original * factor)
-    steps = args.steps or (128 if cuda else 8)
+    steps = args.steps or (128 if big else 8)
     if min(lengths) < 2 or layers < 1 or steps < 2 or context <= steps:
         parser.error("lengths >= 2, --layers >= 1, --steps >= 2 and --decode-context > --steps")
     transformers.logging.set_verbosity_error()
@@ -161,16 +170,19 @@ def main(argv: list[str] | None = None) -> dict:
             if failed:
                 row["error"] = failed
             else:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
                 try:
                     seconds = prefill(model, ids[:, :length], device, args.repeats)
                     flops = forward_flops(model, length, lm_head=False)
                     row.update(seconds=seconds, tokens_per_s=length / seconds, mfu=flops / seconds / peak)
+                    if cuda:
+                        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 except (RuntimeError, MemoryError) as error:
                     if not out_of_memory(error):
                         raise
                     failed = row["error"] = "out of memory"
-                    if cuda:
-                        torch.cuda.empty_cache()
+                release(cuda)  # after the except block: the failed forward's tensors are gone by now
             prefill_rows.append(row)
             shown = f"{row['tokens_per_s']:,.0f} tokens/s" if "error" not in row else row["error"]
             print(f"  prefill {label} {length}: {shown}", flush=True)
@@ -202,13 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
             if not out_of_memory(error):
                 raise
             decode_rows.append({"variant": label, "error": "out of memory"})
+        release(cuda)
         print(f"  decode {label}: {decode_rows[-1]}", flush=True)
-        with contextlib.suppress(Exception):
-            torch.cuda.empty_cache()
 
-    where = torch.cuda.get_device_name(0) if cuda else "CPU (tiny shape: the CPU path of the GPU script)"
+    where = torch.cuda.get_device_name(0) if cuda else "CPU (the CPU path of the GPU script)"
     print(
-        f"{where}; {'Llama-2-7B shape, ' if cuda else ''}{layers} layers, "
+        f"{where}; {'Llama-2-7B shape, ' if big else ''}{layers} layers, "
         f"{parameters / 1e6:,.1f}M parameters, "
         f"{dtype}; YaRN x{factor:g} from {original}"
     )
@@ -222,10 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
                     r["tokens"],
                     r.get("tokens_per_s", r.get("error")),
                     f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
+                    f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-",
                 ]
                 for r in prefill_rows
             ],
-            ["attention", "prefill tokens", "tokens/s", "MFU"],
+            ["attention", "prefill tokens", "tokens/s", "MFU", "peak GiB (GPU)"],
         )
     )
     print(
