@@ -203,6 +203,14 @@ def write_json(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
         raise
 
 
+def finish(report: dict[str, Any], path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Add the machine to ``report``, write it to ``path`` (``--json``) if given, and return it."""
+    report["machine"] = machine()
+    if path:
+        write_json(path, report)
+    return report
+
+
 def table(rows: list[list[Any]], header: list[str]) -> str:
     """A plain aligned text table."""
     cells = [header, *[[_cell(value) for value in row] for row in rows]]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import transformers
 
 import yarn_rope
-from _common import machine, write_json
+from _common import finish
 from yarn_rope.cache import KeyCacheSync
 from yarn_rope.eval import load_default_model
 
@@ -128,9 +128,7 @@ def main() -> None:
     )
     print(f"headline: dynamic / static total decode time = {report['headline']:.3f} (goal <= 1.10)")
     report["headline_means"] = "dynamic (sqrt(2) grid) / static YaRN total decode time"
-    report["machine"] = machine()
-    if args.json:
-        write_json(args.json, report)
+    finish(report, args.json)
 
 
 if __name__ == "__main__":

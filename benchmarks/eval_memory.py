@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from _common import machine, peak_memory, reset_peak_memory, table, write_json
+from _common import finish, peak_memory, reset_peak_memory, table
 
 TRAINED = 8192
 METHODS = ("yarn_rope", "naive")
@@ -173,11 +173,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "headline_means": f"naive model(ids, labels=ids) peak / yarn_rope perplexity peak, {longest} tokens",
         "model": args.model,
         "records": records,
-        "machine": machine(),
     }
-    if args.json:
-        write_json(args.json, report)
-    return report
+    return finish(report, args.json)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,7 @@ import torch
 import transformers
 
 import yarn_rope
-from _common import (
-    FLOP_CONVENTION,
-    forward_flops,
-    machine,
-    matmul_peak,
-    median_ratio,
-    paired,
-    table,
-    timed,
-    write_json,
-)
+from _common import FLOP_CONVENTION, finish, forward_flops, matmul_peak, median_ratio, paired, table, timed
 from eval_memory import load
 
 
@@ -130,11 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_peak_flop_per_s": peak,
         "model": args.model,
         "records": records,
-        "machine": machine(),
     }
-    if args.json:
-        write_json(args.json, report)
-    return report
+    return finish(report, args.json)
 
 
 if __name__ == "__main__":

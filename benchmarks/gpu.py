@@ -34,7 +34,7 @@ import torch
 import transformers
 
 import yarn_rope
-from _common import FLOP_CONVENTION, forward_flops, machine, matmul_peak, synchronize, table, write_json
+from _common import FLOP_CONVENTION, finish, forward_flops, matmul_peak, synchronize, table
 from yarn_rope.cache import KeyCacheSync
 from yarn_rope.loading import choose_attention, choose_dtype
 
@@ -278,11 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
         "decode_steps": steps,
         "decode": decode_rows,
         "seconds": elapsed,
-        "machine": machine(),
     }
-    if args.json:
-        write_json(args.json, report)
-    return report
+    return finish(report, args.json)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 import transformers
 
 import yarn_rope
-from _common import machine, median_ratio, paired, table, timed, write_json
+from _common import finish, median_ratio, paired, table, timed
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -196,11 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         "prefill_s": {"native": native_prefill, "patched": patched_prefill},
         "decode_s_per_token": {"native": native_decode, "patched": patched_decode},
         "rotary_alone": rotary_rows,
-        "machine": machine(),
     }
-    if args.json:
-        write_json(args.json, report)
-    return report
+    return finish(report, args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 import transformers
 
 import yarn_rope
-from _common import machine, table, write_json
+from _common import finish, table
 
 DIM, BASE, FACTOR, ORIGINAL = 128, 10000.0, 8.0, 4096
 
@@ -133,11 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
             for i, (row, end) in enumerate(zip(rows, ends, strict=True))
         ],
         "largest": longest,
-        "machine": machine(),
     }
-    if args.json:
-        write_json(args.json, report)
-    return report
+    return finish(report, args.json)
 
 
 if __name__ == "__main__":
