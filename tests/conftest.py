@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +27,20 @@ def _save_byte_tokenizer(folder: Path) -> int:
 def save_byte_tokenizer() -> Callable[[Path], int]:
     """Saves a tiny offline tokenizer into a checkpoint folder (tests need no Hub)."""
     return _save_byte_tokenizer
+
+
+@pytest.fixture
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings about the tiny configs and keys we build on purpose, and its progress
+    bars, silenced for one test and restored after it. Test modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("quiet_transformers")``."""
+    from transformers.utils import logging as tf_logging
+
+    verbosity = tf_logging.get_verbosity()
+    bars = tf_logging.is_progress_bar_enabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    yield
+    tf_logging.set_verbosity(verbosity)
+    if bars:
+        tf_logging.enable_progress_bar()

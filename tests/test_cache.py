@@ -42,17 +42,7 @@ ATOL = 1e-5  # fp32 "equal": the measured differences are a few 1e-6 at logits o
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def quiet_transformers() -> Iterator[None]:
-    """transformers warns about the tiny configs and generation settings; keep the output clean."""
-    previous = transformers.logging.get_verbosity()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    yield
-    transformers.logging.set_verbosity(previous)
-    if bars:
-        transformers.utils.logging.enable_progress_bar()
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -27,13 +27,7 @@ LOGGER = "yarn_rope.config"
 BASE = 10000.0
 
 
-@pytest.fixture(autouse=True)
-def quiet_transformers():
-    """transformers warns about unknown rope types and keys we feed it on purpose."""
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(previous)
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def llama_config(rope_parameters, *, max_position_embeddings, head_dim=64, **extra):

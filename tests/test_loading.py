@@ -22,7 +22,7 @@ import math
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ from transformers import (
     MistralConfig,
     MistralForCausalLM,
 )
-from transformers.utils import logging as tf_logging
 
 import yarn_rope
 import yarn_rope.cli
@@ -101,16 +100,7 @@ REMOTE_MODULES = (
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_transformers() -> Iterator[None]:
-    verbosity = tf_logging.get_verbosity()
-    bar = tf_logging.is_progress_bar_enabled()
-    tf_logging.set_verbosity_error()
-    tf_logging.disable_progress_bar()
-    yield
-    tf_logging.set_verbosity(verbosity)
-    if bar:
-        tf_logging.enable_progress_bar()
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from torch import nn
 from transformers import (
@@ -110,17 +109,7 @@ _ROTARY = {"gpt_neox": "gpt_neox.rotary_emb"}
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def quiet_transformers():
-    """transformers warns about configs and keys we build on purpose; keep the output clean."""
-    previous = transformers.logging.get_verbosity()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    yield
-    transformers.logging.set_verbosity(previous)
-    if bars:
-        transformers.utils.logging.enable_progress_bar()
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 IDS = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(1234))

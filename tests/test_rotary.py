@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -26,12 +25,7 @@ CASES = {case["name"]: case for case in REFERENCE["cases"]}
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture(autouse=True)
-def quiet_transformers():
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(previous)
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def reference_scaling(case: dict) -> tuple[int, float, RopeScaling, int | None]:
