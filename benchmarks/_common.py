@@ -130,6 +130,18 @@ def matmul_peak(
     return 2.0 * size**3 / best
 
 
+def llama_config(scaling: Any, *, rope_theta: float, **fields: Any) -> Any:
+    """A ``LlamaConfig`` that declares ``scaling`` (a ``yarn_rope.RopeScaling``) natively, so that
+    transformers builds its own rotary module for it: ``rope_parameters`` on 5.x, ``rope_scaling``
+    and ``rope_theta`` on 4.x."""
+    import transformers
+
+    declared = scaling.to_hf()
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return transformers.LlamaConfig(**fields, rope_parameters={**declared, "rope_theta": rope_theta})
+    return transformers.LlamaConfig(**fields, rope_theta=rope_theta, rope_scaling=declared)
+
+
 # ------------------------------------------------------------------------------------------------
 # Memory
 

@@ -29,11 +29,11 @@ import torch
 import transformers
 
 import yarn_rope
-from _common import finish, median_ratio, paired, table, timed
+from _common import finish, llama_config, median_ratio, paired, table, timed
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     scaling = yarn_rope.RopeScaling(method="yarn", factor=4.0, original_max_position_embeddings=args.original)
     fields = dict(
@@ -46,10 +46,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
         max_position_embeddings=4 * args.original,
         tie_word_embeddings=False,
     )
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        config = LlamaConfig(**fields, rope_parameters={**scaling.to_hf(), "rope_theta": 10000.0})
-    else:
-        config = LlamaConfig(**fields, rope_theta=10000.0, rope_scaling=scaling.to_hf())
+    config = llama_config(scaling, rope_theta=10000.0, **fields)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()

@@ -23,10 +23,9 @@ import sys
 import time
 
 import torch
-import transformers
 
 import yarn_rope
-from _common import finish, table
+from _common import finish, llama_config, table
 
 DIM, BASE, FACTOR, ORIGINAL = 128, 10000.0, 8.0, 4096
 
@@ -43,16 +42,15 @@ def bands(maximum: int) -> list[int]:
 
 
 def transformers_rotary(scaling: yarn_rope.RopeScaling) -> torch.nn.Module:
-    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    hf = scaling.to_hf()
-    fields = dict(
-        hidden_size=DIM * 32, num_attention_heads=32, max_position_embeddings=int(ORIGINAL * FACTOR)
+    config = llama_config(
+        scaling,
+        rope_theta=BASE,
+        hidden_size=DIM * 32,
+        num_attention_heads=32,
+        max_position_embeddings=int(ORIGINAL * FACTOR),
     )
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        config = LlamaConfig(**fields, rope_parameters={**hf, "rope_theta": BASE})
-    else:
-        config = LlamaConfig(**fields, rope_theta=BASE, rope_scaling=hf)
     return LlamaRotaryEmbedding(config=config)
 
 
