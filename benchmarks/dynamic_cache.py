@@ -33,6 +33,7 @@ import yarn_rope
 from _common import finish
 from yarn_rope.cache import KeyCacheSync
 from yarn_rope.eval import load_default_model
+from yarn_rope.patch import cache_sync
 
 TRAINED = 8192
 
@@ -105,7 +106,8 @@ def main() -> None:
         model, method="dynamic-yarn", original_max_position_embeddings=TRAINED, schedule=math.sqrt(2)
     ):
         dynamic = decode_times(model, ids, start, end)
-        hook = next(h for h in model.model._forward_pre_hooks.values() if isinstance(h, KeyCacheSync))
+        hook = cache_sync(model)
+        assert hook is not None  # dynamic YaRN registers one
         report["rerotations"] = hook.rerotations
     with yarn_rope.patched(model, factor=max(1.0, final_factor), original_max_position_embeddings=TRAINED):
         static = decode_times(model, ids, start, end)

@@ -35,8 +35,8 @@ import transformers
 
 import yarn_rope
 from _common import FLOP_CONVENTION, finish, forward_flops, matmul_peak, synchronize, table
-from yarn_rope.cache import KeyCacheSync
 from yarn_rope.loading import choose_attention, choose_dtype
+from yarn_rope.patch import cache_sync
 
 LLAMA2_7B = dict(
     hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000, layers=32
@@ -117,8 +117,8 @@ def decode(model: torch.nn.Module, ids: torch.Tensor, steps: int, device: torch.
             token = out.logits[:, -1:].argmax(-1)
         synchronize(device)
         seconds = time.perf_counter() - began
-    hooks = [h for h in model.model._forward_pre_hooks.values() if isinstance(h, KeyCacheSync)]
-    return seconds, sum(h.rerotations for h in hooks)
+    hook = cache_sync(model)
+    return seconds, 0 if hook is None else hook.rerotations
 
 
 def main(argv: list[str] | None = None) -> dict:

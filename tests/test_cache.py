@@ -29,6 +29,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import yarn_rope
 from yarn_rope import RopeScaling, RotaryEmbedding, patch, patch_info, patched, unpatch
 from yarn_rope.cache import KeyCacheSync, UnsupportedCacheError, rerotate_keys
+from yarn_rope.patch import cache_sync
 
 ORIGINAL = 32  # pretrained context of the tiny models: dynamic scaling starts beyond it
 VOCAB = 64
@@ -777,6 +778,25 @@ def test_hook_registered_by_dynamic_patch_and_removed_by_unpatch() -> None:
     assert len(model.model._forward_pre_hooks) == 0  # a static table never changes
     assert all(len(module._forward_pre_hooks) == 0 for module in model.modules())
     unpatch(model)
+
+
+def test_cache_sync_returns_the_registered_hook() -> None:
+    model = build(1)
+    assert cache_sync(model) is None  # not patched
+    dynamic(model)
+    hook = cache_sync(model)
+    assert hook is sync_hook(model)
+    ids = torch.randint(0, VOCAB, (1, ORIGINAL + 3), generator=torch.Generator().manual_seed(7))
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :ORIGINAL], past_key_values=cache)
+        for n in range(ORIGINAL, ORIGINAL + 3):  # past the original length: a new factor per step
+            model(input_ids=ids[:, n : n + 1], past_key_values=cache)
+    assert hook.rerotations == 3
+    patch(model, method="yarn", factor=4.0, original_max_position_embeddings=ORIGINAL)
+    assert cache_sync(model) is None  # a static table registers no hook
+    unpatch(model)
+    assert cache_sync(model) is None
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ __all__ = [
     "LayerTypeRotaryEmbedding",
     "PatchInfo",
     "UnsupportedModelError",
+    "cache_sync",
     "patch",
     "patch_info",
     "patched",
@@ -392,6 +393,16 @@ def patch_info(model: nn.Module) -> PatchInfo | None:
     """What :func:`patch` did to ``model``, or ``None`` if it is not patched."""
     record: _Record | None = getattr(model, _STATE_ATTR, None)
     return None if record is None else record.plan.info
+
+
+def cache_sync(model: nn.Module) -> KeyCacheSync | None:
+    """The :class:`~yarn_rope.cache.KeyCacheSync` hook that :func:`patch` registered for a dynamic
+    method (its ``rerotations`` counts how often a KV cache was brought to a new table), or
+    ``None`` for an unpatched model or a static method."""
+    record: _Record | None = getattr(model, _STATE_ATTR, None)
+    if record is None or record.plan.cache_hook is None:
+        return None
+    return record.plan.cache_hook[1]
 
 
 def patch(
