@@ -34,7 +34,7 @@ import torch
 import transformers
 
 import yarn_rope
-from _common import FLOP_CONVENTION, finish, forward_flops, matmul_peak, synchronize, table
+from _common import FLOP_CONVENTION, finish, forward_flops, matmul_peak, table, timed
 from yarn_rope.loading import choose_attention, choose_dtype
 from yarn_rope.patch import cache_sync
 
@@ -92,16 +92,13 @@ def out_of_memory(error: BaseException) -> bool:
 
 def prefill(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, repeats: int) -> float:
     """Median seconds of a forward over ``ids`` keeping the last logit (after one warm-up)."""
-    times = []
-    with torch.no_grad():
-        for index in range(repeats + 1):
-            synchronize(device)
-            began = time.perf_counter()
+
+    def forward() -> None:
+        with torch.no_grad():
             model(ids, use_cache=False, logits_to_keep=1)
-            synchronize(device)
-            if index:
-                times.append(time.perf_counter() - began)
-    return statistics.median(times)
+
+    times = [timed(forward, device) for _ in range(repeats + 1)]
+    return statistics.median(times[1:])  # the first run is the warm-up
 
 
 def decode(model: torch.nn.Module, ids: torch.Tensor, steps: int, device: torch.device) -> tuple[float, int]:
@@ -110,13 +107,13 @@ def decode(model: torch.nn.Module, ids: torch.Tensor, steps: int, device: torch.
     with torch.no_grad():
         out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
-        synchronize(device)
-        began = time.perf_counter()
-        for _ in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-        synchronize(device)
-        seconds = time.perf_counter() - began
+
+        def steps_of_greedy_decoding() -> None:
+            nonlocal token
+            for _ in range(steps):
+                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+        seconds = timed(steps_of_greedy_decoding, device)
     hook = cache_sync(model)
     return seconds, 0 if hook is None else hook.rerotations
 
