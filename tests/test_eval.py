@@ -920,7 +920,7 @@ class TestSmolLM2:
         model, tokenizer = smollm2
         # The demo compares each method's perplexity at the trained context with the longest
         # length, so the trained context must be one of the lengths: pretend it is 256.
-        monkeypatch.setattr(cli, "QUICK_LENGTHS", [256, 512])
+        monkeypatch.setattr(cli.demo, "QUICK_LENGTHS", [256, 512])
         monkeypatch.setattr(model.config, "max_position_embeddings", 256)
         monkeypatch.setattr(yarn_rope.eval.data, "load_default_model", lambda: (model, tokenizer))
         out, png = tmp_path / "demo.json", tmp_path / "demo.png"

