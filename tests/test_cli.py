@@ -28,7 +28,7 @@ class TestFrequenciesCommand:
         printed = capsys.readouterr().out
         table = json.loads(out.read_text())
         assert len(table["pairs"]) == 64
-        assert table["attention_factor"] == pytest.approx(0.1 * math.log(8) + 1)
+        assert table["attention_scaling"] == pytest.approx(0.1 * math.log(8) + 1)
         expected = yarn_rope.yarn_inv_freq(
             128, base=10000.0, factor=8.0, original_max_position_embeddings=4096
         )
@@ -72,6 +72,8 @@ class TestPackage:
             "dynamic-ntk",
             "yarn",
             "dynamic-yarn",
+            "llama3",
+            "longrope",
         )
 
     def test_import_has_no_side_effects(self):

@@ -96,7 +96,7 @@ class TestConstruction:
     def test_none_is_factor_one(self, factor):
         s = RopeScaling(method="none", factor=factor)
         assert s.factor == 1.0 and isinstance(s.factor, float)
-        assert s.attention_scale(8.0) == 1.0
+        assert s.attention_scaling(8.0) == 1.0
         inv, attention = s.inv_freq(64, base=BASE)
         assert torch.equal(inv, plain_inv_freq(64, BASE))
         assert attention == 1.0
@@ -273,7 +273,7 @@ class TestAttentionScale:
     )
     def test_yarn_formula(self, kwargs, factor, expected):
         s = RopeScaling(method="yarn", factor=8.0, original_max_position_embeddings=4096, **kwargs)
-        assert s.attention_scale(factor) == pytest.approx(expected, rel=1e-12)
+        assert s.attention_scaling(factor) == pytest.approx(expected, rel=1e-12)
 
     @pytest.mark.parametrize(
         "kwargs",
@@ -286,7 +286,7 @@ class TestAttentionScale:
     )
     def test_other_methods_have_no_attention_factor(self, kwargs):
         s = RopeScaling(**kwargs)
-        assert s.attention_scale(8.0) == 1.0
+        assert s.attention_scaling(8.0) == 1.0
         assert s.inv_freq(64, base=BASE)[1] == 1.0
 
 
@@ -500,22 +500,28 @@ class TestBadInput:
                 {
                     "rope_type": "llama3",
                     "factor": 8.0,
-                    "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 8192,
                 },
                 ValueError,
-                ["'llama3'", "yarn"],
-                id="llama3",
+                ["'llama3'", "low_freq_factor"],
+                id="llama3-without-low-freq-factor",
             ),
             pytest.param(
                 {
                     "max_position_embeddings": 131072,
-                    "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]},
+                    "original_max_position_embeddings": 4096,
+                    "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0, 3.0]},
                 },
                 ValueError,
-                ["'longrope'"],
-                id="longrope",
+                ["short_factor", "long_factor", "1", "2"],
+                id="longrope-lists-of-different-lengths",
+            ),
+            pytest.param(
+                {"rope_type": "proportional", "factor": 2.0},
+                ValueError,
+                ["'proportional'", "does not compute"],
+                id="proportional",
             ),
             pytest.param({"type": "su", "factor": 2.0}, ValueError, ["'su'"], id="su"),
             pytest.param(
@@ -615,8 +621,11 @@ class TestBadInput:
             },
             max_position_embeddings=131072,
         )
-        with pytest.raises(ValueError, match="'llama3'"):
-            RopeScaling.from_hf(config)
+        s = RopeScaling.from_hf(config)
+        assert (s.method, s.factor, s.low_freq_factor, s.high_freq_factor) == ("llama3", 8.0, 1.0, 4.0)
+        inv_hf, attention_hf = transformers_table(config)
+        inv, attention = s.inv_freq(64, base=500000.0)
+        assert torch.equal(inv, inv_hf) and attention == attention_hf == 1.0
 
     @pytest.mark.parametrize("method", ["linear", "yarn", "ntk"])
     def test_dynamic_factor_refused_for_other_methods(self, method):
@@ -942,7 +951,7 @@ class TestFromHF:
         assert s.original_max_position_embeddings == 32768
         messages = warnings_of(caplog)
         assert any("factor=4.0" in m for m in messages), messages
-        assert s.attention_scale(s.factor) == pytest.approx(0.1 * math.log(4.0) + 1.0, rel=1e-15)
+        assert s.attention_scaling(s.factor) == pytest.approx(0.1 * math.log(4.0) + 1.0, rel=1e-15)
 
     def test_qwen25_config_object_matches_transformers(self, caplog):
         caplog.set_level(logging.WARNING, logger=LOGGER)
@@ -1358,7 +1367,9 @@ DYNAMIC = [
     pytest.param({"max_position_embeddings": 32768, "finetuned": True}, 32768, id="finetuned-no-factor"),
     pytest.param({"factor": 16.0, "max_position_embeddings": 4096}, 4096, id="not-finetuned"),
     pytest.param({}, 4096, id="not-finetuned-bare"),
-    pytest.param({"max_position_embeddings": 16384}, 16384, id="not-finetuned-cached-16k"),
+    # Not fine-tuned, a target context stated: the factor still grows from L (the paper's rule,
+    # s = max(1, seq_len / L)); the authors' module would keep plain RoPE up to 16384 instead.
+    pytest.param({"max_position_embeddings": 16384}, 4096, id="not-finetuned-target-16k"),
 ]
 SEQ_LENS = [1, 2048, 4096, 4097, 8192, 16384, 32768, 32769, 65536, 65537, 100000, 262144]
 

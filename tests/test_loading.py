@@ -534,7 +534,7 @@ def test_inspect_prints_the_plan(family_dir, capsys, tmp_path):
     assert "modeling_mistral_yarn.MistralForCausalLM (never executed)" in printed
     assert "the YaRN authors' Mistral code" in printed
     assert "beta_fast=128 beta_slow=2" in printed
-    assert f"attention factor={0.07 * math.log(8.0) + 1:.6f}" in printed
+    assert f"attention scaling={0.07 * math.log(8.0) + 1:.6f}" in printed
     assert "attention:    sdpa" in printed
     assert f"weights need: {shard_numel(folder) * 4 / 1024:.1f} KiB" in printed
     data = json.loads(out.read_text())

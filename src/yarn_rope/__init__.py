@@ -11,23 +11,25 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import eval
+from . import eval as eval  # yarn_rope.eval (kept out of __all__: it would shadow the builtin)
+from .cache import UnsupportedCacheError
 from .config import RopeScaling
 from .frequencies import (
-    METHODS,
     default_inv_freq,
     dynamic_factor,
     dynamic_ntk_inv_freq,
-    inv_freq,
     linear_inv_freq,
+    llama3_inv_freq,
+    longrope_inv_freq,
     ntk_by_parts_inv_freq,
     ntk_inv_freq,
     rotary_dim,
-    yarn_attention_factor,
+    yarn_attention_scaling,
     yarn_inv_freq,
     yarn_mscale,
 )
 from .loading import LoadPlan, from_pretrained, plan_load
+from .methods import METHODS, MethodSpec, inv_freq
 from .patch import PatchInfo, UnsupportedModelError, patch, patch_info, patched, unpatch, unpatched
 from .rotary import RotaryEmbedding
 
@@ -39,18 +41,21 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "METHODS",
     "LoadPlan",
+    "MethodSpec",
     "PatchInfo",
     "RopeScaling",
     "RotaryEmbedding",
+    "UnsupportedCacheError",
     "UnsupportedModelError",
     "__version__",
     "default_inv_freq",
     "dynamic_factor",
     "dynamic_ntk_inv_freq",
-    "eval",
     "from_pretrained",
     "inv_freq",
     "linear_inv_freq",
+    "llama3_inv_freq",
+    "longrope_inv_freq",
     "ntk_by_parts_inv_freq",
     "ntk_inv_freq",
     "patch",
@@ -60,7 +65,16 @@ __all__ = [
     "rotary_dim",
     "unpatch",
     "unpatched",
-    "yarn_attention_factor",
+    "yarn_attention_scaling",
     "yarn_inv_freq",
     "yarn_mscale",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Deprecated names, kept for one release."""
+    if name == "yarn_attention_factor":
+        from . import frequencies
+
+        return frequencies.__getattr__(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,27 +26,20 @@ re-rotation would be needed, rather than silently attending to stale keys.
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .rotary import RotaryEmbedding
+from . import _compat
+from .rotary import RotaryEmbedding, reduced_angles, rotate_half
 
 __all__ = ["KeyCacheSync", "UnsupportedCacheError", "rerotate_keys"]
-
-_TWO_PI = 2.0 * math.pi
 
 
 class UnsupportedCacheError(TypeError):
     """A cache whose keys yarn_rope cannot bring to new frequencies."""
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rerotate_keys(
@@ -75,12 +68,11 @@ def rerotate_keys(
     delta = new_inv_freq.to(device=device, dtype=torch.float64) - old_inv_freq.to(
         device=device, dtype=torch.float64
     )
-    angles = positions.to(device=device, dtype=torch.float64)[..., None] * delta  # [b, s, rot/2]
-    angles = angles - _TWO_PI * torch.round(angles / _TWO_PI)
-    angles = torch.cat((angles, angles), dim=-1).to(torch.float32)[:, None]  # [b, 1, s, rot]
+    half = reduced_angles(positions.to(device), delta)  # [b, s, rot/2]
+    angles = torch.cat((half, half), dim=-1)[:, None]  # [b, 1, s, rot]
     ratio = new_scale / old_scale
     part = keys[..., :rot].float()
-    rotated = (part * angles.cos() + _rotate_half(part) * angles.sin()) * ratio
+    rotated = (part * angles.cos() + rotate_half(part) * angles.sin()) * ratio
     keys[..., :rot] = rotated.to(keys.dtype)
 
 
@@ -101,14 +93,14 @@ class KeyCacheSync:
         self.rerotations = 0  # how many times a cache was brought to a new table (for tests, logs)
         # The table each live cache's keys carry. Kept per cache, not read off the rotary module:
         # a forward at another length (an uncached pass, another conversation) changes the module.
-        self._carried: weakref.WeakKeyDictionary[Any, tuple[float | None, torch.Tensor, float]] = (
+        self._carried: weakref.WeakKeyDictionary[Any, tuple[object, torch.Tensor, float]] = (
             weakref.WeakKeyDictionary()
         )
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         cache = kwargs.get("past_key_values")
         new_tokens = _new_tokens(args, kwargs)
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        past = _compat.cache_length(cache)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             cache_position = kwargs.get("cache_position")
@@ -147,7 +139,7 @@ class KeyCacheSync:
         new_inv_freq: torch.Tensor,
         new_scale: float,
     ) -> None:
-        layers = getattr(cache, "layers", None)
+        layers = _compat.cache_layer_keys(cache)
         if layers is None:
             raise UnsupportedCacheError(
                 f"{type(cache).__name__} exposes no per-layer keys; dynamic scaling with yarn_rope needs a "
@@ -155,15 +147,8 @@ class KeyCacheSync:
             )
         indices = range(len(layers)) if self.layers is None else self.layers
         for index in indices:
-            layer = layers[index]
-            keys = getattr(layer, "keys", None)
-            name = type(layer).__name__
-            if (
-                keys is None
-                or not isinstance(keys, torch.Tensor)
-                or "Quantized" in name
-                or "Offloaded" in name
-            ):
+            name, keys = layers[index]
+            if keys is None:
                 raise UnsupportedCacheError(
                     f"cache layer {index} ({name}) cannot be re-rotated in place; use a DynamicCache or "
                     "StaticCache with dynamic scaling, or a static method"

@@ -1,14 +1,20 @@
-"""Rope scaling settings: one validated, frozen description, read from and written to HF configs.
+"""Rope scaling settings: one validated, frozen description, and the one reader of rope settings.
 
-``RopeScaling`` says *how* the rotary frequencies of a model are scaled (method, factor, lengths,
-YaRN's ramp and attention-factor knobs). It does not hold model properties (head dimension,
-``rope_theta``, partial rotary): those come from the model. It reads every dialect found in the
-wild (:meth:`RopeScaling.from_hf`) and writes what vanilla transformers reads back
-(:meth:`RopeScaling.to_hf`).
+:class:`RopeScaling` says *how* the rotary frequencies of a model are scaled (method, factor,
+lengths, each method's knobs). It does not hold model properties (head dimension,
+``rope_theta``, partial rotary): those come from the model. What each method takes and how it
+is validated, spelled and written back lives in the registry (:mod:`yarn_rope.methods`).
+
+:func:`read_rope` is the one reader of what a configuration declares about its rotary embedding,
+whatever the source: a transformers 5 config (``rope_parameters``, incl. one dict per layer
+type), a 4.x config (``rope_scaling`` and a top-level ``rope_theta``), a ``config.json`` dict in
+either dialect (or both at once), a bare scaling dict (transformers', NousResearch's, ours), or
+GGUF metadata (``{arch}.rope.*``). The patch, the loader and the evaluation all read through it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import math
@@ -17,73 +23,64 @@ from typing import Any
 
 import torch
 
+from . import _compat
 from . import frequencies as F
+from . import methods as M
 
-__all__ = ["HF_ROPE_TYPES", "PREFIX", "RopeScaling"]
+__all__ = ["PREFIX", "RopeDeclaration", "RopeScaling", "original_length_fallback", "read_rope"]
 
 logger = logging.getLogger(__name__)
 
-#: Our method name -> the ``rope_type`` transformers uses for the same computation.
-HF_ROPE_TYPES: dict[str, str] = {
-    "none": "default",
-    "linear": "linear",
-    "dynamic-ntk": "dynamic",
-    "yarn": "yarn",
-}
-#: ``rope_type`` prefix for settings vanilla transformers cannot compute; it refuses them (KeyError)
-#: instead of silently computing something else, and :meth:`RopeScaling.from_hf` reads them back.
-PREFIX = "yarn_rope."
+PREFIX = M.PREFIX
 
-# Spellings of the method in configs found in the wild -> our method name.
-_ALIASES: dict[str, str] = {
-    "default": "none",
-    "none": "none",
-    "linear": "linear",
-    "dynamic": "dynamic-ntk",
-    "dynamic-ntk": "dynamic-ntk",
-    "ntk": "ntk",
-    "ntk-by-parts": "ntk-by-parts",
-    "yarn": "yarn",
-    "dynamic-yarn": "dynamic-yarn",
-}
-# rope types that exist in transformers but compute something other than our methods.
-_OTHER_HF_TYPES = ("llama3", "longrope", "su", "proportional", "mrope", "3d", "axial", "default_3d")
-# Keys that describe the model's rotary layout, not its scaling: read elsewhere, not here.
-_MODEL_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
-_CONFIG_KEYS = ("rope_parameters", "rope_scaling", "max_position_embeddings")
-_FACTOR_METHODS = ("linear", "ntk", "ntk-by-parts", "dynamic-ntk", "yarn")
-_YARN_ONLY = F.YARN_SETTINGS
-_ALWAYS_WRITTEN = ("factor", "original_max_position_embeddings", "max_position_embeddings")
-_NEEDS_ORIGINAL = ("ntk-by-parts", "dynamic-ntk", "yarn", "dynamic-yarn")
+# Keys of a rope dict that describe the model's rotary layout, not its scaling.
+MODEL_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+_MULTIMODAL_TYPES = ("mrope", "3d", "default_3d")
+# Set while RopeScaling.replace() copies settings whose lengths it already warned about.
+_QUIET_LENGTHS: contextvars.ContextVar[bool] = contextvars.ContextVar("yarn_rope_quiet_lengths", default=False)
+
+
+def _warn(message: str, *args: Any) -> None:
+    logger.warning(message, *args)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     """How a model's rotary frequencies are scaled. Frozen, keyword-only, validated on creation.
 
+    Which settings a method takes, their defaults and checks are declared in
+    :data:`yarn_rope.methods.SETTINGS`; a setting a method does not read is an error, not
+    silently ignored.
+
     Attributes:
-        method: one of ``none``, ``linear``, ``ntk``, ``ntk-by-parts``, ``dynamic-ntk``, ``yarn``,
-            ``dynamic-yarn``.
+        method: one of :data:`yarn_rope.METHODS`.
         factor: scale factor ``s >= 1`` (extended / original length). If omitted it is derived
             as ``max_position_embeddings / original_max_position_embeddings``. Dynamic YaRN:
-            the fine-tuned factor (only with ``finetuned``). ``none``: always 1.
+            the fine-tuned factor (only with ``finetuned``). LongRoPE: the factor of its
+            attention scaling (default ``max / original``). ``none``: always 1.
         original_max_position_embeddings: pretrained context length ``L``; YaRN's ramp is built
             from it. Dynamic NTK: the length beyond which the base grows.
         max_position_embeddings: the extended context length the scaled model serves (the
-            "target"); optional. When it disagrees with ``factor * L`` a warning is logged and
-            ``factor`` wins, as in transformers 5 (Qwen2.5 documents factor 4 with
-            ``L = max_position_embeddings = 32768`` on purpose). Dynamic YaRN: the length up to
-            which the fine-tuned factor holds.
+            "target"); optional. For YaRN, when it disagrees with ``factor * L`` a warning is
+            logged once and ``factor`` wins, as in transformers 5 (Qwen2.5 documents factor 4 with
+            ``L = max_position_embeddings = 32768`` on purpose). Dynamic YaRN fine-tuned: the
+            length up to which the fine-tuned factor holds; not fine-tuned: only the target (the
+            factor is ``max(1, seq_len / L)``, the paper's rule).
         beta_fast, beta_slow: YaRN ramp bounds in rotations over ``L`` (32 and 1 in the paper;
             128 and 2 in the authors' Mistral code).
-        extrapolation_factor: multiplies YaRN's extrapolation weight (1 in the paper).
-        truncate: floor/ceil the ramp bounds (True in the paper).
-        attention_factor: transformers' override that *replaces* YaRN's attention factor.
-        attn_factor: the authors'/vLLM's multiplier of YaRN's attention factor.
-        mscale, mscale_all_dim: DeepSeek's ratio form of the attention factor.
+        extrapolation_factor: multiplies the extrapolation weight (1 in the paper).
+        truncate: floor/ceil the YaRN ramp bounds (True in the authors' code).
+        attention_factor: transformers' key that *replaces* the computed attention scaling
+            (YaRN, LongRoPE).
+        attn_factor: the authors'/vLLM's multiplier of YaRN's attention scaling.
+        mscale, mscale_all_dim: DeepSeek's ratio form of YaRN's attention scaling.
         mscale_coefficient: slope of ``coefficient * ln(s) + 1`` (0.1 paper, 0.07 authors'
             Mistral code).
         finetuned: dynamic YaRN only: the model was fine-tuned with YaRN at ``factor``.
+        low_freq_factor, high_freq_factor: llama3: wavelengths beyond ``L / low_freq_factor``
+            are interpolated, below ``L / high_freq_factor`` unchanged.
+        short_factor, long_factor: longrope: one factor per rotary pair, used up to ``L`` and
+            beyond it.
 
     Raises:
         ValueError, TypeError: on creation, for any bad value, naming the field, the value and
@@ -104,188 +101,109 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     mscale_coefficient: float = F.DEFAULT_MSCALE_COEFFICIENT
     finetuned: bool = False
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        method = F.check_method(self.method)
-        set_ = self._set
-
-        original = self.original_max_position_embeddings
-        if original is not None:
-            original = F._integer("original_max_position_embeddings", original)
-            set_("original_max_position_embeddings", original)
-        target = self.max_position_embeddings
-        if target is not None:
-            target = F._integer("max_position_embeddings", target)
-            set_("max_position_embeddings", target)
-        if method in _NEEDS_ORIGINAL and original is None:
-            raise ValueError(
-                f"method {method!r} needs original_max_position_embeddings (the context length the "
-                "model was pretrained with), e.g. RopeScaling(method='yarn', factor=8.0, "
-                "original_max_position_embeddings=4096)"
-            )
-        if original is not None and target is not None and target < original and method != "none":
-            raise ValueError(
-                f"max_position_embeddings={target} (the extended context) is shorter than "
-                f"original_max_position_embeddings={original}; the target context must be at least "
-                "the original one"
-            )
-
-        factor = self.factor
-        if method == "none":
-            if factor is not None and F._number("factor", factor) != 1.0:
-                raise ValueError(f"method 'none' is plain RoPE and takes no factor, got factor={factor!r}")
-            factor = 1.0
-        elif factor is None and method != "dynamic-yarn":
-            if original is None or target is None:
-                raise ValueError(
-                    f"method {method!r} needs factor, or max_position_embeddings (the target context) "
-                    "with original_max_position_embeddings so that factor = target / original"
-                )
-            factor = target / original
-        if factor is not None:
-            factor = F._check_factor(factor, method=method)
-        set_("factor", factor)
-        uses_factor = method == "yarn" or (method == "dynamic-yarn" and self.finetuned)
-        if uses_factor and factor is not None and original and target:
+        given = {name: getattr(self, name) for name in M.SETTINGS}
+        values = M.validate(self.method, given)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        spec = self.spec
+        factor, original, target = (
+            self.factor,
+            self.original_max_position_embeddings,
+            self.max_position_embeddings,
+        )
+        if (
+            spec.consistent_lengths
+            and (spec.name == "yarn" or self.finetuned)
+            and factor
+            and original
+            and target
+        ):
             implied = target / original
             if not math.isclose(implied, factor, rel_tol=1e-9):
-                logger.warning(
+                _warn(
                     "RopeScaling: factor=%s disagrees with max_position_embeddings / "
-                    "original_max_position_embeddings = %s / %s = %s; using factor=%s (as "
-                    "transformers 5 does)",
+                    "original_max_position_embeddings = %s / %s = %s; using factor=%s "
+                    "(as transformers 5 does)",
                     factor,
                     target,
                     original,
                     implied,
                     factor,
                 )
-        if method == "dynamic-yarn" and self.finetuned and factor is None and target is None:
-            raise ValueError(
-                "dynamic-yarn with finetuned=True needs the fine-tuned factor or "
-                "max_position_embeddings (factor = max_position_embeddings / original)"
-            )
-
-        fast, slow = F._check_betas(self.beta_fast, self.beta_slow)
-        set_("beta_fast", fast)
-        set_("beta_slow", slow)
-        extrapolation = F._number("extrapolation_factor", self.extrapolation_factor)
-        if extrapolation < 0:
-            raise ValueError(f"extrapolation_factor must be >= 0, got {self.extrapolation_factor!r}")
-        set_("extrapolation_factor", extrapolation)
-        set_("truncate", F._flag("truncate", self.truncate))
-        set_("finetuned", F._flag("finetuned", self.finetuned))
-        set_("attn_factor", F._positive("attn_factor", self.attn_factor))
-        if self.attention_factor is not None:
-            set_("attention_factor", F._positive("attention_factor", self.attention_factor))
-        for name in ("mscale", "mscale_all_dim"):
-            if getattr(self, name) is not None:
-                set_(name, F._number(name, getattr(self, name)))
-        coefficient = F._number("mscale_coefficient", self.mscale_coefficient)
-        if coefficient < 0:
-            raise ValueError(f"mscale_coefficient must be >= 0, got {self.mscale_coefficient!r}")
-        set_("mscale_coefficient", coefficient)
-        if method in ("yarn", "dynamic-yarn"):
-            # Checks the attention-factor knobs together (e.g. attention_factor with attn_factor).
-            self.attention_scale(self.factor if self.factor is not None else 1.0)
-        else:
-            defaults = RopeScaling.__dataclass_fields__
-            ignored = [
-                name
-                for name in _YARN_ONLY
-                if getattr(self, name) != defaults[name].default
-                and not (name == "extrapolation_factor" and method == "ntk-by-parts")
-            ]
-            if ignored:
-                raise ValueError(
-                    f"{', '.join(f'{n}={getattr(self, n)!r}' for n in ignored)} only apply to the YaRN "
-                    f"methods and would have no effect on method {method!r}; drop them or use method='yarn'"
-                )
-
-    def _set(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)
 
     # ----------------------------------------------------------------------------------------
-    # Tables
+    # What the registry says about these settings
     # ----------------------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> M.MethodSpec:
+        """The registry entry of :attr:`method`."""
+        return M.get(self.method)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting's value (the mapping the registry's functions take)."""
+        return {name: getattr(self, name) for name in M.SETTINGS}
 
     @property
     def is_dynamic(self) -> bool:
         """Whether the table depends on the current sequence length."""
-        return self.method in F.DYNAMIC_METHODS
+        return self.spec.dynamic
+
+    def attention_scaling(self, factor: float | None = None) -> float:
+        """The number that multiplies cos and sin with these settings.
+
+        Args:
+            factor: YaRN methods: the scale factor to evaluate at (default :attr:`factor`; a
+                dynamic table's current factor). Ignored by other methods.
+
+        Returns:
+            a float > 0: YaRN's ``0.1 ln(s) + 1`` (with its knobs), LongRoPE's
+            ``sqrt(1 + ln(s) / ln(L))``, 1.0 for methods without one.
+        """
+        return M.attention_scaling(self.spec, self.settings(), factor)
 
     def attention_scale(self, factor: float) -> float:
-        """YaRN's attention factor at scale ``factor`` with these settings (1.0 for other methods)."""
-        if self.method not in ("yarn", "dynamic-yarn"):
-            return 1.0
-        return F.yarn_attention_factor(
-            factor,
-            attention_factor=self.attention_factor,
-            attn_factor=self.attn_factor,
-            mscale=self.mscale,
-            mscale_all_dim=self.mscale_all_dim,
-            mscale_coefficient=self.mscale_coefficient,
+        """Deprecated name of :meth:`attention_scaling` (removed in the next release)."""
+        import warnings
+
+        warnings.warn(
+            "RopeScaling.attention_scale() is now attention_scaling() (one name for the number that "
+            "multiplies cos and sin); the old name will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
         )
+        return self.attention_scaling(factor)
 
     def threshold(self) -> int | None:
         """Dynamic methods: the longest sequence served by the initial table; ``None`` if static."""
-        if self.method == "dynamic-ntk":
-            return self.original_max_position_embeddings
-        if self.method == "dynamic-yarn":
-            assert self.original_max_position_embeddings is not None  # checked in __post_init__
-            if self.max_position_embeddings is not None:
-                return self.max_position_embeddings
-            if self.finetuned and self.factor is not None:
-                return round(self.factor * self.original_max_position_embeddings)
-            return self.original_max_position_embeddings
-        return None
+        spec = self.spec
+        return None if spec.threshold is None else spec.threshold(self.settings())
+
+    def table_key(self, seq_len: int) -> Any:
+        """Dynamic methods: what the table at ``seq_len`` depends on (equal keys, equal tables)."""
+        spec = self.spec
+        return None if spec.table_key is None else spec.table_key(self.settings(), seq_len)
 
     def dynamic_factor(self, seq_len: int) -> float:
         """Dynamic YaRN's scale factor at ``seq_len`` (see :func:`yarn_rope.dynamic_factor`)."""
         if self.method != "dynamic-yarn":
             raise ValueError(f"dynamic_factor applies to method 'dynamic-yarn', not {self.method!r}")
-        assert self.original_max_position_embeddings is not None
-        return F.dynamic_factor(
-            seq_len,
-            original_max_position_embeddings=self.original_max_position_embeddings,
-            max_position_embeddings=self.threshold(),
-            factor=self.factor,
-            finetuned=self.finetuned,
-        )
+        return float(self.table_key(seq_len))
+
+    def context_length(self) -> int | None:
+        """What ``config.max_position_embeddings`` states once this scaling is in force."""
+        return M.context_length(self.spec, self.settings())
 
     def params(self) -> dict[str, Any]:
-        """Settings of this method as keyword arguments of :func:`yarn_rope.inv_freq`."""
-        m = self.method
-        if m == "none":
-            return {}
-        if m in ("linear", "ntk"):
-            return {"factor": self.factor}
-        if m == "ntk-by-parts":
-            return {
-                "factor": self.factor,
-                "original_max_position_embeddings": self.original_max_position_embeddings,
-                "extrapolation_factor": self.extrapolation_factor,
-            }
-        if m == "dynamic-ntk":
-            return {
-                "factor": self.factor,
-                "original_max_position_embeddings": self.original_max_position_embeddings,
-            }
-        params: dict[str, Any] = {
-            "factor": self.factor,
-            "original_max_position_embeddings": self.original_max_position_embeddings,
-            "beta_fast": self.beta_fast,
-            "beta_slow": self.beta_slow,
-            "extrapolation_factor": self.extrapolation_factor,
-            "truncate": self.truncate,
-            "attention_factor": self.attention_factor,
-            "attn_factor": self.attn_factor,
-            "mscale": self.mscale,
-            "mscale_all_dim": self.mscale_all_dim,
-            "mscale_coefficient": self.mscale_coefficient,
-        }
-        if m == "dynamic-yarn":
-            params.update(max_position_embeddings=self.threshold(), finetuned=self.finetuned)
-        return params
+        """These settings as keyword arguments of :func:`yarn_rope.inv_freq` (``None`` left out)."""
+        values = self.settings()
+        return {name: values[name] for name in sorted(self.spec.accepted) if values[name] is not None}
 
     def inv_freq(
         self,
@@ -305,38 +223,50 @@ class RopeScaling:
             device: where to build it.
 
         Returns:
-            ``(inv_freq [dim // 2] float32, attention_factor)``.
+            ``(inv_freq [dim // 2] float32, attention_scaling)``.
         """
-        params = self.params()
-        if self.is_dynamic:
-            params["seq_len"] = seq_len if seq_len is not None else self.threshold()
-        return F.inv_freq(self.method, dim, base=base, device=device, **params)
+        spec = self.spec
+        if spec.dynamic:
+            seq_len = self.threshold() if seq_len is None else F._integer("seq_len", seq_len)
+        else:
+            seq_len = None
+        return M.compute(spec, F._check_dim(dim), F._check_base(base), self.settings(), seq_len, device)
 
     # ----------------------------------------------------------------------------------------
     # Dictionaries
     # ----------------------------------------------------------------------------------------
 
     def replace(self, **changes: Any) -> RopeScaling:
-        """A copy with ``changes`` applied (and validated)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied (and validated).
+
+        A warning about these settings' lengths is not repeated when the lengths do not change.
+        """
+        lengths = ("factor", "original_max_position_embeddings", "max_position_embeddings")
+        token = _QUIET_LENGTHS.set(not any(name in changes for name in lengths))
+        try:
+            return dataclasses.replace(self, **changes)
+        finally:
+            _QUIET_LENGTHS.reset(token)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, JSON-serialisable."""
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for name in ("short_factor", "long_factor"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
 
     def vanilla_compatible(self) -> bool:
         """Whether vanilla transformers computes exactly this table from :meth:`to_hf`."""
-        return self.method in HF_ROPE_TYPES and not (
-            self.method == "yarn" and self.extrapolation_factor != 1.0
-        )
+        return self.spec.vanilla_compatible(self.settings())
 
     def to_hf(self) -> dict[str, Any]:
         """The ``rope_parameters`` (transformers 5) / ``rope_scaling`` (4.x) dict of these settings.
 
-        Settings vanilla transformers computes (``none``, ``linear``, ``dynamic-ntk`` as
-        ``"dynamic"``, ``yarn``) are written with its own keys, so that it rebuilds the same table;
-        YaRN's ``attn_factor`` and ``mscale_coefficient``, which it does not know, are folded
-        into ``attention_factor``. Dynamic NTK reads its threshold from
+        Settings vanilla transformers computes are written with its own keys (the registry's
+        ``transformers`` spelling of the method), so that it rebuilds the same table; YaRN's
+        ``attn_factor`` and ``mscale_coefficient``, which it does not know, are folded into
+        ``attention_factor``. Dynamic NTK reads its threshold from
         ``config.max_position_embeddings``, which must then equal
         ``original_max_position_embeddings``. Everything else (``ntk``, ``ntk-by-parts``,
         ``dynamic-yarn``, YaRN with ``extrapolation_factor != 1``) gets ``rope_type``
@@ -344,38 +274,7 @@ class RopeScaling:
         (KeyError on the unknown type) instead of silently computing something else, and
         :meth:`from_hf` reads it back exactly. ``rope_theta`` is the model's, not written here.
         """
-        if not self.vanilla_compatible():
-            out: dict[str, Any] = {"rope_type": PREFIX + self.method}
-            defaults = RopeScaling(method="none")
-            for field in dataclasses.fields(self):
-                value = getattr(self, field.name)
-                if field.name == "method" or value is None:
-                    continue
-                if field.name in _ALWAYS_WRITTEN or value != getattr(defaults, field.name):
-                    out[field.name] = value
-            return out
-        rope_type = HF_ROPE_TYPES[self.method]
-        if self.method == "none":
-            return {"rope_type": rope_type}
-        if self.method in ("linear", "dynamic-ntk"):
-            return {"rope_type": rope_type, "factor": self.factor}
-        out = {
-            "rope_type": rope_type,
-            "factor": self.factor,
-            "original_max_position_embeddings": self.original_max_position_embeddings,
-            "beta_fast": self.beta_fast,
-            "beta_slow": self.beta_slow,
-        }
-        if not self.truncate:
-            out["truncate"] = False
-        if self.attn_factor != 1.0 or self.mscale_coefficient != F.DEFAULT_MSCALE_COEFFICIENT:
-            assert self.factor is not None
-            out["attention_factor"] = self.attention_scale(self.factor)
-        else:
-            for name in ("attention_factor", "mscale", "mscale_all_dim"):
-                if getattr(self, name) is not None:
-                    out[name] = getattr(self, name)
-        return out
+        return M.to_hf(self.spec, self.settings())
 
     @classmethod
     def from_hf(cls, config: Any, *, layer_type: str | None = None) -> RopeScaling:
@@ -386,7 +285,7 @@ class RopeScaling:
                 ``rope_scaling``), a ``config.json`` dict, or a bare scaling dict:
                 transformers' (``rope_type`` or ``type``), NousResearch's
                 (``{"type": "yarn" | "dynamic-yarn", "factor", "original_max_position_embeddings",
-                "finetuned"}``), or ours (:meth:`to_hf`).
+                "finetuned"}``), or ours (:meth:`to_hf`). See :func:`read_rope`.
             layer_type: for configs with one rope dict per layer type (Gemma3, ...), which one
                 to read; default ``"full_attention"``.
 
@@ -394,148 +293,337 @@ class RopeScaling:
             the settings; ``method="none"`` when the config declares no scaling.
 
         Raises:
-            ValueError: a scaling yarn_rope does not compute (llama3, longrope, multimodal
-                ``mrope_section``), missing required keys, bad values.
-            TypeError: ``config`` is neither a config nor a dict.
+            ValueError: a scaling yarn_rope does not compute (multimodal ``mrope_section``,
+                ...), missing required keys, bad values.
+            TypeError: ``config`` is neither a config nor a dict, or holds a non-dict scaling.
         """
-        scaling, context = _split_config(config)
-        if scaling is None:
-            return cls(method="none")
-        scaling = _pick_layer_type(scaling, context, layer_type)
-        return _parse(cls, scaling, context)
+        return read_rope(config, layer_type=layer_type).scaling()
 
 
-def _split_config(config: Any) -> tuple[Mapping[str, Any] | None, dict[str, Any]]:
-    """(scaling dict or None, config-level values) from a config object or dict."""
+# ------------------------------------------------------------------------------------------------
+# The one reader
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeDeclaration:
+    """What a configuration declares about its rotary embedding, read once.
+
+    Attributes:
+        source: where the scaling dict came from: ``"rope_parameters"``, ``"rope_scaling"``,
+            ``"gguf"``, ``"dict"`` (a bare scaling dict) or ``"none"``.
+        rope: the flat rope dict in force (of the chosen layer type), as declared; ``None``
+            when the config declares none.
+        layer_type: the layer type read, for configs with one dict per layer type.
+        layer_types: the layer types that have a dict of their own (``None``: one dict for all).
+        max_position_embeddings: the config's context length.
+        original_max_position_embeddings: a top-level pretrained length (Phi-3 states it there,
+            and transformers prefers it over the rope dict's).
+        rope_theta: the RoPE base, wherever the config states it.
+        partial_rotary_factor: the rotated fraction of a head, wherever stated (4.x
+            ``rotary_pct`` too).
+    """
+
+    source: str
+    rope: Mapping[str, Any] | None
+    layer_type: str | None = None
+    layer_types: tuple[str, ...] | None = None
+    max_position_embeddings: int | None = None
+    original_max_position_embeddings: int | None = None
+    rope_theta: float | None = None
+    partial_rotary_factor: float | None = None
+
+    @property
+    def rope_type(self) -> str | None:
+        """The declared type spelling (``"default"`` for a dict without one); ``None`` if none."""
+        if self.rope is None:
+            return None
+        declared = self.rope.get("rope_type") or self.rope.get("type") or "default"
+        if not isinstance(declared, str):
+            raise TypeError(f"rope_type must be a string, got {declared!r}")
+        return declared
+
+    @property
+    def multimodal(self) -> bool:
+        """Whether it is multimodal RoPE (``mrope_section``), which yarn_rope does not scale."""
+        return self.rope is not None and (
+            "mrope_section" in self.rope or self.rope.get("rope_type") in _MULTIMODAL_TYPES
+        )
+
+    def spec(self) -> M.MethodSpec | None:
+        """The registry entry of the declared type (``none`` when nothing is declared)."""
+        rope_type = self.rope_type
+        return M.get("none") if rope_type is None else M.lookup_rope_type(rope_type)
+
+    def is_dynamic(self) -> bool:
+        """Whether the declared table depends on the sequence length (unknown types: by name)."""
+        spec = self.spec()
+        if spec is not None:
+            return spec.dynamic
+        return "dynamic" in (self.rope_type or "")
+
+    def scaling(self) -> RopeScaling:
+        """The declared scaling as validated settings (see :meth:`RopeScaling.from_hf`)."""
+        return _parse(self)
+
+
+def read_rope(config: Any, *, layer_type: str | None = None) -> RopeDeclaration:
+    """What ``config`` declares about its rotary embedding.
+
+    Precedence, as transformers reads it on every supported release: a config dict holding both
+    a legacy ``rope_scaling`` and ``rope_parameters`` (a checkpoint re-saved across releases) is
+    read from ``rope_scaling`` when it is a non-empty dict (transformers 5 takes the
+    ``rope_scaling`` keyword over ``rope_parameters``; 4.x reads only ``rope_scaling``), with the
+    base taken from either. A config object is read from what its release uses:
+    ``rope_parameters`` on transformers 5, ``rope_scaling`` (and ``rope_theta``) on 4.x.
+
+    Args:
+        config: a transformers config object, a ``config.json`` dict, a bare scaling dict, or
+            GGUF metadata (a dict of ``{arch}.rope.*`` / ``general.architecture`` keys).
+        layer_type: per-layer-type configs: which layer type (default ``"full_attention"``).
+
+    Raises:
+        TypeError: ``config`` is not a config or a dict, or its scaling entry is not a dict.
+        ValueError: per-layer-type dicts without the requested layer type.
+    """
     if isinstance(config, Mapping):
-        # A bare scaling dict names its type (and may carry max_position_embeddings, see to_hf).
-        is_config = "rope_type" not in config and "type" not in config
-        if not (is_config and any(key in config for key in _CONFIG_KEYS)):
-            return config, {}
-        get = config.get
-    elif hasattr(config, "to_dict") and (
-        hasattr(config, "rope_parameters")
-        or hasattr(config, "rope_scaling")
-        or hasattr(config, "max_position_embeddings")
-    ):
+        if "general.architecture" in config:
+            return read_rope(_compat.gguf_rope_config(config), layer_type=layer_type)
+        if _is_bare_scaling(config):
+            return _declaration("dict", config, {}, layer_type)
+        return _declaration_of_dict(config, layer_type)
+    if _compat.is_transformers_config(config):
+        return _declaration_of_object(config, layer_type)
+    raise TypeError(
+        "expected a transformers config, a config.json dict or a rope scaling dict, got "
+        f"{type(config).__name__}"
+    )
 
-        def get(key: str, default: Any = None) -> Any:
-            return getattr(config, key, default)
 
-    else:
+_CONFIG_KEYS = ("rope_parameters", "rope_scaling", "max_position_embeddings", "model_type", "rope_theta")
+
+
+def _is_bare_scaling(config: Mapping[str, Any]) -> bool:
+    """A bare scaling dict names its type, or holds no config-level key."""
+    if "rope_type" in config or "type" in config:
+        return True
+    return not any(key in config for key in _CONFIG_KEYS)
+
+
+def _scaling_entry(value: Any, key: str) -> Mapping[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
         raise TypeError(
-            f"RopeScaling.from_hf expects a transformers config or a dict, got {type(config).__name__}"
+            f"{key} must be a dict such as {{'rope_type': 'yarn', 'factor': 4.0, "
+            f"'original_max_position_embeddings': 4096}}, got {value!r}"
         )
-    scaling = get("rope_parameters", None) or get("rope_scaling", None)
-    context = {
-        "max_position_embeddings": get("max_position_embeddings", None),
-        # Phi-3 keeps the pretrained length at the config's top level; transformers prefers it.
-        "original_max_position_embeddings": get("original_max_position_embeddings", None),
-        "layer_types": get("layer_types", None),
-    }
-    return scaling, context
+    return value
 
 
-def _pick_layer_type(
-    scaling: Mapping[str, Any], context: dict[str, Any], layer_type: str | None
-) -> Mapping[str, Any]:
-    nested = [key for key, value in scaling.items() if isinstance(value, Mapping)]
-    if not nested:
-        if layer_type is not None:
-            raise ValueError(
-                f"layer_type={layer_type!r} given, but the config has one rope dict for all layers"
+def _declaration_of_dict(raw: Mapping[str, Any], layer_type: str | None) -> RopeDeclaration:
+    legacy = _scaling_entry(raw.get("rope_scaling"), "rope_scaling")
+    current = _scaling_entry(raw.get("rope_parameters"), "rope_parameters")
+    if legacy:
+        # transformers 5 replaces rope_parameters by a non-empty rope_scaling wholesale (its base
+        # then comes from the top-level rope_theta, not from rope_parameters); 4.x never reads
+        # rope_parameters at all.
+        source, rope = "rope_scaling", dict(legacy)
+        if current and dict(current) != dict(legacy):
+            _warn(
+                "the config holds both rope_scaling %s and rope_parameters %s; reading rope_scaling, as "
+                "transformers does (5.x takes it over rope_parameters, 4.x reads only it)",
+                dict(legacy),
+                dict(current),
             )
-        return scaling
-    wanted = layer_type or "full_attention"
-    if wanted not in scaling or not isinstance(scaling[wanted], Mapping):
-        raise ValueError(
-            f"the config holds one rope dict per layer type ({', '.join(nested)}) and none for "
-            f"{wanted!r}; pass layer_type= one of them"
-        )
-    picked: Mapping[str, Any] = scaling[wanted]
-    return picked
-
-
-def _parse(cls: type[RopeScaling], scaling: Mapping[str, Any], context: dict[str, Any]) -> RopeScaling:
-    if not isinstance(scaling, Mapping):
-        raise TypeError(f"rope scaling must be a dict, got {scaling!r}")
-    if "mrope_section" in scaling:
-        raise ValueError(
-            "multimodal RoPE (mrope_section) is out of scope for yarn_rope: its sections rotate "
-            "with separate position streams"
-        )
-    declared = scaling.get("rope_type") or scaling.get("type") or "default"
-    if not isinstance(declared, str):
-        raise TypeError(f"rope_type must be a string, got {declared!r}")
-    if declared.startswith(PREFIX):
-        method = F.check_method(declared[len(PREFIX) :])
-    elif declared in _ALIASES:
-        method = _ALIASES[declared]
-    elif declared in _OTHER_HF_TYPES:
-        raise ValueError(
-            f"rope_type {declared!r} is a scaling yarn_rope does not compute; yarn_rope reads "
-            f"{', '.join(sorted(_ALIASES))}. Replace it explicitly, e.g. RopeScaling(method='yarn', ...)"
-        )
+    elif current is not None:
+        source, rope = "rope_parameters", dict(current)
     else:
-        raise ValueError(f"unknown rope_type {declared!r}; yarn_rope reads {', '.join(sorted(_ALIASES))}")
+        source, rope = "none", None
+    return _declaration(source, rope, raw, layer_type)
 
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {"method": method}
+
+def _declaration_of_object(config: Any, layer_type: str | None) -> RopeDeclaration:
+    source, rope = _compat.config_rope_dict(config)
+    context = {
+        key: getattr(config, key, None)
+        for key in (
+            "max_position_embeddings",
+            "original_max_position_embeddings",
+            "layer_types",
+            "rope_theta",
+            "rotary_emb_base",
+            "partial_rotary_factor",
+            "rotary_pct",
+        )
+    }
+    return _declaration(source, _scaling_entry(rope, source), context, layer_type)
+
+
+def _nested(rope: Mapping[str, Any]) -> bool:
+    return any(isinstance(value, Mapping) for value in rope.values())
+
+
+def _declaration(
+    source: str, rope: Mapping[str, Any] | None, context: Mapping[str, Any], layer_type: str | None
+) -> RopeDeclaration:
+    nested_types: tuple[str, ...] | None = None
+    picked = rope
+    if rope is not None and _nested(rope):
+        nested_types = tuple(key for key, value in rope.items() if isinstance(value, Mapping))
+        wanted = layer_type or "full_attention"
+        if wanted not in nested_types:
+            raise ValueError(
+                f"the config holds one rope dict per layer type ({', '.join(nested_types)}) and none for "
+                f"{wanted!r}; pass layer_type= one of them"
+            )
+        picked = rope[wanted]
+        layer_type = wanted
+    elif layer_type is not None and rope is not None:
+        raise ValueError(f"layer_type={layer_type!r} given, but the config has one rope dict for all layers")
+    theta = _first_number(
+        None if picked is None else picked.get("rope_theta"),
+        context.get("rope_theta"),
+        context.get("rotary_emb_base"),
+    )
+    partial = _first_number(
+        None if picked is None else picked.get("partial_rotary_factor"),
+        context.get("partial_rotary_factor"),
+        context.get("rotary_pct"),
+    )
+    return RopeDeclaration(
+        source=source,
+        rope=picked,
+        layer_type=layer_type,
+        layer_types=nested_types if nested_types is not None else None,
+        max_position_embeddings=_length_or_none(context.get("max_position_embeddings")),
+        original_max_position_embeddings=_length_or_none(context.get("original_max_position_embeddings")),
+        rope_theta=theta,
+        partial_rotary_factor=partial,
+    )
+
+
+def _first_number(*values: Any) -> float | None:
+    for value in values:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _length_or_none(value: Any) -> int | None:
+    if value is None:
+        return None
+    return M.SETTINGS["max_position_embeddings"].check("max_position_embeddings", value)  # type: ignore[no-any-return]
+
+
+def original_length_fallback(max_position_embeddings: int | None, *, what: str) -> int:
+    """The original length when a config states none: its ``max_position_embeddings``, with a warning.
+
+    transformers does the same (``standardize_rope_params``), but it is only a guess: a model
+    trained at a shorter length than it declares (Mistral-7B-v0.1 declares 32768, trained at
+    8192) needs the real value.
+
+    Raises:
+        ValueError: the config states no length at all.
+    """
+    if max_position_embeddings is None:
+        raise ValueError(
+            f"{what} needs original_max_position_embeddings (the pretrained context length); the config "
+            "states neither it nor max_position_embeddings: pass original_max_position_embeddings="
+        )
+    _warn(
+        "%s states no original_max_position_embeddings; taking the config's max_position_embeddings=%s as "
+        "the original (pretrained) context length, as transformers does. If the model was trained at a "
+        "shorter length (Mistral-7B-v0.1 declares 32768 but was trained at 8192), pass "
+        "original_max_position_embeddings=",
+        what,
+        max_position_embeddings,
+    )
+    return max_position_embeddings
+
+
+def _parse(declaration: RopeDeclaration) -> RopeScaling:
+    rope = declaration.rope
+    if rope is None:
+        return RopeScaling(method="none")
+    if declaration.multimodal:
+        raise ValueError(
+            f"multimodal RoPE (mrope_section={rope.get('mrope_section')}) is out of scope for yarn_rope: its "
+            "sections rotate with separate position streams"
+        )
+    declared = declaration.rope_type
+    assert declared is not None
+    spec = M.lookup_rope_type(declared)
+    if spec is None:
+        known = ", ".join(sorted(M.spellings()))
+        if declared in M.UNSUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_type {declared!r} is a scaling yarn_rope does not compute; yarn_rope reads {known}"
+            )
+        raise ValueError(f"unknown rope_type {declared!r}; yarn_rope reads {known}")
+
+    kwargs: dict[str, Any] = {}
     unknown = []
-    for key, value in scaling.items():
-        if key in _MODEL_KEYS:
+    for key, value in rope.items():
+        if key in MODEL_KEYS:
             continue
-        if key in fields and key != "method":
+        if key in spec.accepted:
             kwargs[key] = value
-        else:
+        else:  # as transformers does: a key its rope type does not read is ignored, with a warning
             unknown.append(key)
     if unknown:
-        logger.warning("RopeScaling.from_hf: ignoring keys %s of rope type %r", sorted(unknown), declared)
-    if method == "none":
-        return cls(method="none")
-    # transformers treats beta_fast/beta_slow of None (or 0) as "use the default".
+        _warn("RopeScaling.from_hf: ignoring keys %s of rope type %r", sorted(unknown), declared)
+    # transformers treats these keys' None (and a beta of 0) as "use the default".
     for name in ("beta_fast", "beta_slow"):
         if name in kwargs and kwargs[name] in (None, 0):
             del kwargs[name]
     for name in ("attention_factor", "mscale", "mscale_all_dim", "factor"):
-        if kwargs.get(name, 0) is None:
+        if name in kwargs and kwargs[name] is None:
             del kwargs[name]
 
-    max_positions = context.get("max_position_embeddings")
-    if method == "dynamic-ntk":
+    if spec.name == "none":
+        factor = kwargs.get("factor")
+        if factor is not None and factor != 1:
+            _warn(
+                "rope type %r ignores factor=%s: the model computes plain RoPE (as vanilla transformers "
+                "does). If it was trained with scaling, state the rope_type (e.g. 'yarn')",
+                declared,
+                factor,
+            )
+        return RopeScaling(method="none")
+    return RopeScaling(method=spec.name, **_with_context(spec, kwargs, declaration, declared))
+
+
+def _with_context(
+    spec: M.MethodSpec, kwargs: dict[str, Any], declaration: RopeDeclaration, declared: str
+) -> dict[str, Any]:
+    """The scaling dict's settings completed from the config's lengths, as transformers does."""
+    max_positions = declaration.max_position_embeddings
+    if spec.name == "dynamic-ntk":
         # transformers' "dynamic" grows past config.max_position_embeddings, the trained length.
         if kwargs.get("original_max_position_embeddings") is None:
             if max_positions is None:
                 raise ValueError(
-                    "dynamic NTK scaling needs the trained context length: "
-                    "original_max_position_embeddings, or the config's max_position_embeddings"
+                    "dynamic NTK scaling needs the trained context length: original_max_position_embeddings, "
+                    "or the config's max_position_embeddings"
                 )
             kwargs["original_max_position_embeddings"] = max_positions
         kwargs.pop("max_position_embeddings", None)
-        return cls(**kwargs)
-
-    top_level_original = context.get("original_max_position_embeddings")
-    if top_level_original is not None:
-        kwargs["original_max_position_embeddings"] = top_level_original
-    if method in _NEEDS_ORIGINAL and kwargs.get("original_max_position_embeddings") is None:
-        if max_positions is None:
-            raise ValueError(
-                f"rope type {declared!r} needs original_max_position_embeddings (the pretrained "
-                "context length); the config states neither it nor max_position_embeddings"
-            )
-        logger.warning(
-            "rope type %r states no original_max_position_embeddings; taking the config's "
-            "max_position_embeddings=%s as the original length (as transformers does)",
-            declared,
-            max_positions,
+        return kwargs
+    if declaration.original_max_position_embeddings is not None:
+        # Phi-3 keeps the pretrained length at the config's top level; transformers prefers it.
+        kwargs["original_max_position_embeddings"] = declaration.original_max_position_embeddings
+    needs_original = "original_max_position_embeddings" in spec.required
+    if needs_original and kwargs.get("original_max_position_embeddings") is None:
+        kwargs["original_max_position_embeddings"] = original_length_fallback(
+            max_positions, what=f"rope type {declared!r}"
         )
-        kwargs["original_max_position_embeddings"] = max_positions
     if kwargs.get("max_position_embeddings") is None and max_positions is not None:
         kwargs["max_position_embeddings"] = max_positions
     if (
-        method in _FACTOR_METHODS
+        "factor" in spec.required
         and kwargs.get("factor") is None
         and kwargs.get("max_position_embeddings") is None
     ):
         raise ValueError(f"rope type {declared!r} needs factor; the config states none")
-    return cls(**kwargs)
+    return kwargs

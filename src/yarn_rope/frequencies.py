@@ -37,41 +37,31 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 
 __all__ = [
-    "DYNAMIC_METHODS",
-    "METHODS",
-    "STATIC_METHODS",
     "default_inv_freq",
     "dynamic_factor",
     "dynamic_ntk_inv_freq",
     "interpolation_ramp",
-    "inv_freq",
     "linear_inv_freq",
+    "llama3_inv_freq",
+    "longrope_attention_scaling",
+    "longrope_inv_freq",
     "ntk_by_parts_inv_freq",
     "ntk_inv_freq",
     "rotary_dim",
-    "yarn_attention_factor",
+    "scaled_context",
+    "yarn_attention_scaling",
     "yarn_correction_range",
     "yarn_inv_freq",
     "yarn_mscale",
 ]
 
-#: Method names accepted everywhere in yarn_rope.
-METHODS: tuple[str, ...] = (
-    "none",
-    "linear",
-    "ntk",
-    "ntk-by-parts",
-    "dynamic-ntk",
-    "yarn",
-    "dynamic-yarn",
-)
-STATIC_METHODS: frozenset[str] = frozenset({"none", "linear", "ntk", "ntk-by-parts", "yarn"})
-DYNAMIC_METHODS: frozenset[str] = frozenset({"dynamic-ntk", "dynamic-yarn"})
+#: The longest context length accepted anywhere: every position below it is exact in float64.
+MAX_POSITIONS = 2**53
 
 DEFAULT_BETA_FAST = 32.0
 DEFAULT_BETA_SLOW = 1.0
@@ -95,6 +85,8 @@ def _number(name: str, value: object) -> float:
         raise wrong_type
     try:
         number = float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        raise ValueError(f"{name} must be finite, got {value!r}; pass a finite number") from None
     except (TypeError, ValueError):
         raise wrong_type from None
     if not math.isfinite(number):
@@ -313,7 +305,14 @@ def yarn_inv_freq(
     truncate: bool = True,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """YaRN / NTK-by-parts inverse frequencies (the paper's eq. 18-19, section 3.2).
+    """YaRN / NTK-by-parts inverse frequencies (the paper's section 3.2, as the authors' code computes them).
+
+    The ramp is the reference code's (``find_correction_range`` + ``linear_ramp_mask``): linear in
+    the *pair index* between the floor and the ceiling of the correction dimensions. The paper's
+    eq. 18 writes it as linear in ``r = L / lambda`` without rounding; on the Yarn-Llama-2-70b-32k
+    config (factor 8 from 4096, head dim 128) the two differ by up to 2.3x in a ramp pair's
+    frequency. Every implementation (the authors', transformers, vLLM, llama.cpp) and every YaRN
+    checkpoint follows the code, so these are the code's numbers.
 
     Args:
         dim: rotary dimension (even).
@@ -377,7 +376,7 @@ def yarn_mscale(
     return coefficient * mscale * math.log(factor) + 1.0
 
 
-def yarn_attention_factor(
+def yarn_attention_scaling(
     factor: float,
     *,
     attention_factor: float | None = None,
@@ -560,166 +559,143 @@ def dynamic_factor(
     return max(within, seq_len / original)
 
 
-# --------------------------------------------------------------------------------------------
-# Any method by name
-# --------------------------------------------------------------------------------------------
-
-#: Settings only the YaRN methods read (the ramp and the attention-factor knobs).
-YARN_SETTINGS: tuple[str, ...] = (
-    "beta_fast",
-    "beta_slow",
-    "extrapolation_factor",
-    "truncate",
-    "attention_factor",
-    "attn_factor",
-    "mscale",
-    "mscale_all_dim",
-    "mscale_coefficient",
-)
-_COMMON = {"device"}
-_PARAMS: dict[str, set[str]] = {
-    "none": set(),
-    "linear": {"factor"},
-    "ntk": {"factor", "alpha"},
-    "ntk-by-parts": {
-        "factor",
-        "original_max_position_embeddings",
-        "ntk_bounds",
-        "extrapolation_bounds",
-        "ntk_factor",
-        "extrapolation_factor",
-    },
-    "dynamic-ntk": {
-        "factor",
-        "alpha",
-        "original_max_position_embeddings",
-        "max_position_embeddings",
-        "seq_len",
-    },
-    "yarn": {
-        "factor",
-        "original_max_position_embeddings",
-        *YARN_SETTINGS,
-        # Accepted so NousResearch-style settings pass through unchanged; static YaRN ignores them.
-        "finetuned",
-        "max_position_embeddings",
-    },
-}
-_PARAMS["dynamic-yarn"] = _PARAMS["yarn"] | {"seq_len"}
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    "linear": ("factor",),
-    "ntk": ("factor",),
-    "ntk-by-parts": ("factor", "original_max_position_embeddings"),
-    "dynamic-ntk": ("factor", "seq_len"),
-    "yarn": ("factor", "original_max_position_embeddings"),
-    "dynamic-yarn": ("original_max_position_embeddings", "seq_len"),
-}
+def scaled_context(factor: float, original_max_position_embeddings: int) -> int:
+    """The context length a factor extends the original one to: ``round(factor * original)``."""
+    factor = _positive("factor", factor)
+    original = _integer("original_max_position_embeddings", original_max_position_embeddings)
+    return round(factor * original)
 
 
-def check_method(method: object) -> str:
-    """``method`` if it names a method of :data:`METHODS`, else a ValueError/TypeError listing them."""
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a string, one of {', '.join(METHODS)}; got {method!r}")
-    if method not in METHODS:
-        hint = ""
-        normalised = method.strip().lower().replace("_", "-")
-        if normalised in METHODS:
-            hint = f" (did you mean {normalised!r}?)"
-        raise ValueError(f"unknown method {method!r}{hint}; known methods: {', '.join(METHODS)}")
-    return method
+def llama3_inv_freq(
+    dim: int,
+    *,
+    base: float,
+    factor: float,
+    original_max_position_embeddings: int,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Llama 3.1's scaling (Meta, ``apply_scaling`` in the Llama 3.1 reference code, 2024).
 
-
-def _merge_alpha(method: str, params: dict[str, Any]) -> None:
-    """``alpha`` is the authors' name of the NTK factor; fold it into ``factor``."""
-    if "alpha" in params:
-        alpha = params.pop("alpha")
-        if "factor" in params and params["factor"] != alpha:
-            raise ValueError(
-                f"method {method!r} got factor={params['factor']!r} and alpha={alpha!r}; alpha is "
-                "the authors' name for the same number: give one"
-            )
-        params["factor"] = alpha
-
-
-def inv_freq(method: str, dim: int, *, base: float, **params: Any) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention factor of any method by name.
-
-    Args:
-        method: one of :data:`METHODS`.
-        dim: rotary dimension (even).
-        base: RoPE base (``rope_theta``).
-        **params: the method's settings, by the names of the function that computes it:
-            ``factor`` (``alpha`` is accepted for the NTK methods, the authors' name),
-            ``original_max_position_embeddings``; YaRN: ``beta_fast``, ``beta_slow``,
-            ``extrapolation_factor``, ``truncate``, ``attention_factor``, ``attn_factor``,
-            ``mscale``, ``mscale_all_dim``, ``mscale_coefficient``; dynamic methods:
-            ``seq_len`` (and ``max_position_embeddings``, ``finetuned``); ``device``.
-            For ``dynamic-ntk``, the threshold is ``original_max_position_embeddings`` or, in
-            the authors' and transformers' naming, ``max_position_embeddings``.
+    Pairs whose wavelength is shorter than ``L / high_freq_factor`` are extrapolated (unchanged),
+    pairs longer than ``L / low_freq_factor`` are interpolated (divided by ``factor``), and in
+    between the interpolation weight falls linearly in the number of rotations over ``L``
+    (``r = L / wavelength``), without rounding: the same idea as YaRN's ramp, parametrised by
+    wavelength bounds instead of rotation counts, and without an attention factor. Llama 3.1,
+    3.2 and 3.3 use ``factor`` 8 (32 for 3.2 1B/3B), ``low_freq_factor`` 1, ``high_freq_factor``
+    4 and ``L = 8192``. Operation order as in transformers' ``"llama3"`` rope type, so the table
+    is bit-equal to it.
 
     Returns:
-        ``(inv_freq, attention_factor)``: float32 tensor of shape ``[dim // 2]`` and the float
-        that multiplies cos and sin (1.0 except for the YaRN methods).
+        shape ``[dim // 2]``, float32.
 
     Raises:
-        ValueError: unknown method, missing required setting, bad value.
-        TypeError: a setting this method does not take, or a value of the wrong type.
+        ValueError: ``factor < 1``, ``high_freq_factor <= low_freq_factor``, a factor <= 0.
     """
-    method = check_method(method)
-    params = dict(params)
-    unknown = sorted(set(params) - _PARAMS[method] - _COMMON)
-    if unknown:
-        allowed = ", ".join(sorted(_PARAMS[method])) or "no settings"
-        raise TypeError(f"method {method!r} takes no setting {', '.join(unknown)}; it takes: {allowed}")
-    if method in ("ntk", "dynamic-ntk"):
-        _merge_alpha(method, params)
-    if method == "dynamic-ntk" and "original_max_position_embeddings" not in params:
-        if "max_position_embeddings" not in params:
-            raise ValueError(
-                "method 'dynamic-ntk' needs original_max_position_embeddings (the trained context "
-                "length, called max_position_embeddings by transformers)"
-            )
-        params["original_max_position_embeddings"] = params.pop("max_position_embeddings")
-    if method == "dynamic-ntk":
-        params.pop("max_position_embeddings", None)
-    missing = [key for key in _REQUIRED.get(method, ()) if params.get(key) is None]
-    if missing:
-        raise ValueError(f"method {method!r} needs {', '.join(missing)}")
-    device = params.pop("device", None)
-
-    if method == "none":
-        return default_inv_freq(dim, base=base, device=device), 1.0
-    if method == "linear":
-        return linear_inv_freq(dim, base=base, factor=params["factor"], device=device), 1.0
-    if method == "ntk":
-        return ntk_inv_freq(dim, base=base, factor=params["factor"], device=device), 1.0
-    if method == "ntk-by-parts":
-        return ntk_by_parts_inv_freq(dim, base=base, device=device, **params), 1.0
-    if method == "dynamic-ntk":
-        return dynamic_ntk_inv_freq(dim, base=base, device=device, **params), 1.0
-
-    # yarn and dynamic-yarn
-    if method == "dynamic-yarn":
-        factor = dynamic_factor(
-            params.pop("seq_len"),
-            original_max_position_embeddings=params["original_max_position_embeddings"],
-            max_position_embeddings=params.pop("max_position_embeddings", None),
-            factor=params.pop("factor", None),
-            finetuned=params.pop("finetuned", False),
+    factor = _check_factor(factor, method="llama3")
+    original = _integer("original_max_position_embeddings", original_max_position_embeddings)
+    low = _positive("low_freq_factor", low_freq_factor)
+    high = _positive("high_freq_factor", high_freq_factor)
+    if high <= low:
+        raise ValueError(
+            f"high_freq_factor must be > low_freq_factor, got high_freq_factor={high_freq_factor!r}, "
+            f"low_freq_factor={low_freq_factor!r}; Llama 3.1 uses low_freq_factor=1, high_freq_factor=4"
         )
-    else:
-        factor = _check_factor(params.pop("factor"), method=method)
-        params.pop("finetuned", None)
-        params.pop("max_position_embeddings", None)
-    attention = yarn_attention_factor(
-        factor,
-        attention_factor=params.pop("attention_factor", None),
-        attn_factor=params.pop("attn_factor", 1.0),
-        mscale=params.pop("mscale", None),
-        mscale_all_dim=params.pop("mscale_all_dim", None),
-        mscale_coefficient=params.pop("mscale_coefficient", DEFAULT_MSCALE_COEFFICIENT),
-    )
-    if factor == 1.0 and method == "dynamic-yarn":
-        # Below its threshold the authors' dynamic module is plain RoPE, attention factor included.
-        attention = 1.0
-    return yarn_inv_freq(dim, base=base, factor=factor, device=device, **params), attention
+    plain = default_inv_freq(dim, base=base, device=device)
+    wavelength = 2 * math.pi / plain
+    interpolated = wavelength > original / low
+    extrapolated = wavelength < original / high
+    table = torch.where(interpolated, plain / factor, plain)
+    # Between the bounds: the extrapolation weight rises from 0 to 1 with the rotations over L.
+    extrapolation_weight = (original / wavelength - low) / (high - low)
+    ramp = (1 - extrapolation_weight) * table / factor + extrapolation_weight * table
+    return torch.where(~extrapolated & ~interpolated, ramp, table)
+
+
+def _check_factor_list(name: str, values: object, pairs: int | None = None) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Iterable):
+        raise TypeError(
+            f"{name} must be a list of numbers (one per rotary pair), got {values!r} of type "
+            f"{type(values).__name__}"
+        )
+    numbers = tuple(_positive(f"{name}[{index}]", value) for index, value in enumerate(values))
+    if not numbers:
+        raise ValueError(f"{name} must hold one number per rotary pair, got an empty list")
+    if pairs is not None and len(numbers) != pairs:
+        raise ValueError(
+            f"{name} has {len(numbers)} numbers but the rotary dimension has {pairs} pairs; LongRoPE "
+            "factors are per pair: pass a list of length dim // 2"
+        )
+    return numbers
+
+
+def longrope_inv_freq(
+    dim: int,
+    *,
+    base: float,
+    rescale_factors: object,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """LongRoPE (Ding et al. 2024, "LongRoPE: Extending LLM Context Window Beyond 2 Million
+    Tokens"; Phi-3/3.5/4-mini): every pair's frequency divided by its own searched factor.
+
+    Phi-3 keeps two lists: ``short_factor`` for sequences up to the original length and
+    ``long_factor`` beyond it; pass the one in force as ``rescale_factors``. Operation order as
+    in transformers' ``"longrope"`` rope type (``1 / (factor_i * base^(2i/dim))``), so the table is
+    bit-equal to it.
+
+    Args:
+        rescale_factors: ``dim // 2`` positive numbers.
+
+    Returns:
+        shape ``[dim // 2]``, float32.
+    """
+    dim = _check_dim(dim)
+    base = _check_base(base)
+    factors = _check_factor_list("rescale_factors", rescale_factors, dim // 2)
+    per_pair = torch.tensor(factors, dtype=torch.float32, device=device)
+    return 1.0 / (per_pair * base ** _exponents(dim, device))
+
+
+def longrope_attention_scaling(
+    factor: float, original_max_position_embeddings: int, *, attention_factor: float | None = None
+) -> float:
+    """LongRoPE's multiplier of cos and sin: ``sqrt(1 + ln(s) / ln(L))`` (1 when ``s <= 1``).
+
+    ``attention_factor``, when given, replaces it (transformers' key, as for YaRN). Phi-3 has no
+    ``factor`` key: ``s`` is ``max_position_embeddings / original_max_position_embeddings``.
+    """
+    if attention_factor is not None:
+        return _positive("attention_factor", attention_factor)
+    factor = _positive("factor", factor)
+    original = _integer("original_max_position_embeddings", original_max_position_embeddings, minimum=2)
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def __getattr__(name: str) -> object:
+    """Deprecated names, kept for one release: the registry (:mod:`yarn_rope.methods`) holds them now."""
+    import warnings
+
+    moved = {"inv_freq", "METHODS", "DYNAMIC_METHODS", "check_method"}
+    if name in moved:
+        warnings.warn(
+            f"yarn_rope.frequencies.{name} moved to yarn_rope.methods.{name} (the method registry); "
+            "the old name will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from . import methods
+
+        return getattr(methods, name)
+    if name == "yarn_attention_factor":
+        warnings.warn(
+            "yarn_rope.yarn_attention_factor is now yarn_attention_scaling (one name for the number "
+            "that multiplies cos and sin); the old name will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return yarn_attention_scaling
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,6 @@ Multimodal RoPE (``mrope_section``) and models without RoPE raise
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import inspect
 import logging
@@ -35,8 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _compat
+from . import methods as M
 from .cache import KeyCacheSync
-from .config import RopeScaling
+from .config import RopeDeclaration, RopeScaling, original_length_fallback, read_rope
 from .frequencies import default_inv_freq
 from .rotary import ANGLE_MODES, AngleMode, RotaryEmbedding
 
@@ -160,20 +161,7 @@ def _model_config(model: nn.Module) -> Any:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no .config; yarn_rope patches transformers models"
         )
-    getter = getattr(config, "get_text_config", None)
-    if callable(getter):
-        with contextlib.suppress(Exception):
-            return getter(decoder=True)
-    return config
-
-
-def _per_type_buffers(module: nn.Module) -> tuple[str, ...]:
-    names = [
-        name[: -len("_inv_freq")]
-        for name in module._buffers
-        if name.endswith("_inv_freq") and not name.endswith("original_inv_freq") and name != "inv_freq"
-    ]
-    return tuple(sorted(names))
+    return _compat.text_config(config)
 
 
 def _is_ours(module: nn.Module) -> bool:
@@ -181,6 +169,7 @@ def _is_ours(module: nn.Module) -> bool:
 
 
 def _find_sites(model: nn.Module, text_config: Any) -> list[_Site]:
+    """Every rotary module of the text model, wherever it sits (the model itself may be a backbone)."""
     sites: list[_Site] = []
     skipped: list[str] = []
     ours: list[str] = []
@@ -190,8 +179,8 @@ def _find_sites(model: nn.Module, text_config: Any) -> list[_Site]:
         if _is_ours(module):
             ours.append(path)
             continue
-        per_type = _per_type_buffers(module)
-        if "inv_freq" not in module._buffers and not per_type:
+        plain, per_type = _compat.rotary_buffer_names(module)
+        if not plain and not per_type:
             continue
         config = getattr(module, "config", None)
         if config is not None and config is not text_config:
@@ -200,10 +189,12 @@ def _find_sites(model: nn.Module, text_config: Any) -> list[_Site]:
         if config is None and any(part in path for part in ("vision", "visual", "image", "audio")):
             skipped.append(path)
             continue
+        if not path:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is itself a rotary module; patch the model that holds it"
+            )
         parent_path, _, attribute = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else None
-        if parent is None:
-            raise UnsupportedModelError("the model itself is a rotary module; patch the model that holds it")
+        parent = model.get_submodule(parent_path)  # "" is the model itself (a bare backbone)
         sites.append(_Site(path, parent, attribute, module, config or text_config, per_type or None))
     if not sites:
         found = f" (rotary modules of other configs were left alone: {', '.join(skipped)})" if skipped else ""
@@ -220,68 +211,45 @@ def _find_sites(model: nn.Module, text_config: Any) -> list[_Site]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _rope_dict(config: Any, layer_type: str | None) -> dict[str, Any] | None:
-    raw = getattr(config, "rope_parameters", None) if hasattr(config, "rope_parameters") else None
-    if raw is None:
-        raw = getattr(config, "rope_scaling", None)
-    if raw is None:
-        return None
-    if layer_type is not None and isinstance(raw.get(layer_type), dict):
-        picked: dict[str, Any] = raw[layer_type]
-        return picked
-    return dict(raw)
+@dataclasses.dataclass(frozen=True)
+class _Declared:
+    """What one rotary site's config declares (read once per config and layer type)."""
+
+    declaration: RopeDeclaration
+    scaling: RopeScaling | None  # None: a type yarn_rope cannot read (kept unless replace=True)
+    error: str | None = None
+
+    @property
+    def method(self) -> str | None:
+        return None if self.scaling is None else self.scaling.method
 
 
-def _check_not_multimodal(config: Any, layer_types: Sequence[str | None]) -> None:
-    for layer_type in layer_types:
-        rope = _rope_dict(config, layer_type) or {}
-        if "mrope_section" in rope or rope.get("rope_type") in ("mrope", "3d", "default_3d"):
-            raise UnsupportedModelError(
-                f"{type(config).__name__} uses multimodal RoPE (mrope_section={rope.get('mrope_section')}); "
-                "its sections rotate with separate position streams and are out of scope for yarn_rope"
-            )
+def _declared(config: Any, layer_type: str | None) -> _Declared:
+    declaration = read_rope(config, layer_type=layer_type)
+    if declaration.multimodal:
+        raise UnsupportedModelError(
+            f"{type(config).__name__} uses multimodal RoPE (mrope_section="
+            f"{declaration.rope.get('mrope_section') if declaration.rope else None}); its sections rotate "
+            "with separate position streams and are out of scope for yarn_rope"
+        )
+    try:
+        return _Declared(declaration, declaration.scaling())
+    except (ValueError, TypeError) as error:
+        return _Declared(declaration, None, str(error))
 
 
 def _base(config: Any, module: nn.Module, layer_type: str | None) -> float:
-    rope = _rope_dict(config, layer_type) or {}
-    for value in (
-        rope.get("rope_theta"),
-        getattr(config, "rope_theta", None),
-        getattr(config, "rotary_emb_base", None),
-        getattr(module, "base", None),
-    ):
+    base = read_rope(config, layer_type=layer_type).rope_theta
+    if base is None:
+        value = getattr(module, "base", None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    raise UnsupportedModelError(
-        f"could not find the RoPE base (rope_theta) of {type(config).__name__} for layer type {layer_type}"
-    )
-
-
-def _declared(config: Any, layer_type: str | None) -> tuple[RopeScaling | None, str | None]:
-    """(the scaling the config declares, or None if yarn_rope cannot read it; its rope type)."""
-    rope = _rope_dict(config, layer_type)
-    declared_type = None if rope is None else (rope.get("rope_type") or rope.get("type") or "default")
-    try:
-        if rope is None:
-            return RopeScaling(method="none"), None
-        context = {
-            "rope_parameters": rope,
-            "max_position_embeddings": getattr(config, "max_position_embeddings", None),
-            "original_max_position_embeddings": getattr(config, "original_max_position_embeddings", None),
-        }
-        return RopeScaling.from_hf(context), declared_type
-    except (ValueError, TypeError):
-        return None, declared_type
-
-
-def _table(module: nn.Module, layer_type: str | None) -> torch.Tensor:
-    name = "inv_freq" if layer_type is None else f"{layer_type}_inv_freq"
-    original_name = "original_inv_freq" if layer_type is None else f"{layer_type}_original_inv_freq"
-    table = getattr(module, original_name, None)
-    if not isinstance(table, torch.Tensor):
-        table = getattr(module, name)
-    assert isinstance(table, torch.Tensor)
-    return table
+            base = float(value)
+    if base is None:
+        raise UnsupportedModelError(
+            f"could not find the RoPE base (rope_theta) of {type(config).__name__} for layer type "
+            f"{layer_type}"
+        )
+    return base
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,99 +257,91 @@ def _table(module: nn.Module, layer_type: str | None) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def _resolve(
-    scaling: RopeScaling | None,
-    fields: dict[str, Any],
-    declared: RopeScaling | None,
-    declared_type: str | None,
-    config: Any,
-    replace: bool,
-) -> RopeScaling:
-    if scaling is not None and not isinstance(scaling, RopeScaling):
-        raise TypeError(
-            "scaling must be a yarn_rope.RopeScaling (or None with keyword fields), got "
-            f"{type(scaling).__name__}"
-        )
-    if scaling is not None:
-        return scaling.replace(**fields) if fields else scaling
-    declared_method = None if declared is None else declared.method
-    if declared is None and not replace:
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """What the caller asked :func:`patch` for."""
+
+    scaling: RopeScaling | None
+    fields: dict[str, Any]
+    replace: bool
+
+
+def _resolve(request: _Request, declared: _Declared, config: Any) -> RopeScaling:
+    """The settings a patch applies: the caller's, completed from what the model declares."""
+    if request.scaling is not None:
+        if not isinstance(request.scaling, RopeScaling):
+            raise TypeError(
+                "scaling must be a yarn_rope.RopeScaling (or None with keyword fields), got "
+                f"{type(request.scaling).__name__}"
+            )
+        return request.scaling.replace(**request.fields) if request.fields else request.scaling
+    if declared.scaling is None and not request.replace:
         raise ValueError(
-            f"the model already uses rope_type {declared_type!r}, which yarn_rope does not compute; "
-            "pass replace=True to replace it with the settings you give"
+            f"the model already uses rope_type {declared.declaration.rope_type!r}, which yarn_rope cannot "
+            "read "
+            f"({declared.error}); pass replace=True to replace it with the settings you give"
         )
-    if not fields:
-        if declared is None or declared_method == "none":
+    if not request.fields:
+        if declared.scaling is None or declared.method == "none":
             raise ValueError(
                 "patch() needs settings: factor=... or max_position_embeddings=... (the target context), "
                 "or a RopeScaling; the model declares no scaling to apply"
             )
-        return declared
-    method = fields.get("method", "yarn")
-    if declared is not None and declared_method not in ("none", method) and not replace:
+        return declared.scaling
+    method = request.fields.get("method", "yarn")
+    if declared.scaling is not None and declared.method not in ("none", method) and not request.replace:
         raise ValueError(
-            f"the model already uses {declared_method!r} scaling (factor={declared.factor}); patching it "
-            f"with {method!r} would replace it. Pass replace=True to do that explicitly"
+            f"the model already uses {declared.method!r} scaling (factor={declared.scaling.factor}); "
+            "patching "
+            f"it with {method!r} would replace it. Pass replace=True to do that explicitly"
         )
-    if declared is not None and declared_method == method:
-        # Same method: keep what the model declares (original length, betas, ...) unless overridden.
-        changes = dict(fields)
-        if "factor" in changes and "max_position_embeddings" not in changes:
-            changes["max_position_embeddings"] = None
-        if "max_position_embeddings" in changes and "factor" not in changes:
-            changes["factor"] = None
-        return declared.replace(**changes)
-    fields = dict(fields)
+    if declared.scaling is not None and declared.method == method:
+        return _same_method(declared.scaling, request.fields)
+    fields = dict(request.fields)
     fields.setdefault("method", method)
-    if "original_max_position_embeddings" not in fields and method not in ("none", "linear", "ntk"):
-        original = None
-        if declared is not None and declared.original_max_position_embeddings is not None:
-            original = declared.original_max_position_embeddings
-        elif declared is None:
-            rope = _rope_dict(config, None) or {}
-            original = rope.get("original_max_position_embeddings")
-        if original is None:
-            # Phi-3 states the pretrained length at the config's top level (transformers prefers it).
-            original = getattr(config, "original_max_position_embeddings", None)
-        if original is None:
-            original = getattr(config, "max_position_embeddings", None)
-            if original is None:
-                raise ValueError(
-                    "pass original_max_position_embeddings=...: the model's config states no context length"
-                )
-            logger.warning(
-                "yarn_rope.patch: taking max_position_embeddings=%s as the original (pretrained) context "
-                "length. If the model was trained at a shorter length (Mistral-7B-v0.1 declares 32768 but "
-                "was trained at 8192), pass original_max_position_embeddings=",
-                original,
-            )
-        fields["original_max_position_embeddings"] = original
+    spec = M.get(method)
+    if (
+        "original_max_position_embeddings" not in fields
+        and "original_max_position_embeddings" in spec.accepted
+    ):
+        fields["original_max_position_embeddings"] = _original_length(declared, config)
     return RopeScaling(**fields)
+
+
+def _same_method(declared: RopeScaling, fields: dict[str, Any]) -> RopeScaling:
+    """Keep what the model declares (original length, betas, ...) unless the caller overrides it."""
+    changes = dict(fields)
+    if "factor" in changes and "max_position_embeddings" not in changes:
+        changes["max_position_embeddings"] = None
+    if "max_position_embeddings" in changes and "factor" not in changes:
+        changes["factor"] = None
+    return declared.replace(**changes)
+
+
+def _original_length(declared: _Declared, config: Any) -> int | None:
+    """The model's pretrained context: declared by its scaling, at the config's top level (Phi-3),
+    else its ``max_position_embeddings`` with a warning (only a guess)."""
+    if declared.scaling is not None and declared.scaling.original_max_position_embeddings is not None:
+        return declared.scaling.original_max_position_embeddings
+    if declared.scaling is None and declared.declaration.rope is not None:
+        original = declared.declaration.rope.get("original_max_position_embeddings")
+        if original is not None:
+            return int(original)
+    declaration = declared.declaration
+    if declaration.original_max_position_embeddings is not None:
+        return declaration.original_max_position_embeddings
+    return original_length_fallback(declaration.max_position_embeddings, what="yarn_rope.patch: the model")
 
 
 def _with_target(scaling: RopeScaling) -> RopeScaling:
     """``scaling`` with the target context it implies, as the saved config will state it."""
-    target = _new_max_positions(scaling)
+    target = scaling.context_length()
     if scaling.max_position_embeddings is not None or target is None or scaling.method == "dynamic-ntk":
         return scaling
     original = scaling.original_max_position_embeddings
     if scaling.factor is not None and original and target != scaling.factor * original:
         return scaling  # a fractional target: keep the factor as the only statement
     return scaling.replace(max_position_embeddings=target)
-
-
-def _new_max_positions(scaling: RopeScaling) -> int | None:
-    """What ``config.max_position_embeddings`` should say once ``scaling`` is in force."""
-    original = scaling.original_max_position_embeddings
-    if scaling.method == "dynamic-ntk":
-        return original  # transformers' "dynamic" grows past config.max_position_embeddings
-    if scaling.method == "dynamic-yarn":
-        return scaling.threshold()
-    if scaling.max_position_embeddings is not None:
-        return scaling.max_position_embeddings
-    if original is not None and scaling.factor is not None:
-        return round(scaling.factor * original)
-    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,7 +431,12 @@ def patch(
     if record is not None:
         unpatch(model)
     try:
-        _apply_plan(model, _plan(model, scaling, fields, angles, layer_types, replace, schedule), request)
+        plan = _plan(
+            model,
+            _Request(scaling=scaling, fields=dict(fields), replace=replace),
+            _Options(angles=angles, layer_types=layer_types, schedule=schedule),
+        )
+        _apply_plan(model, plan, request)
     except BaseException:
         if record is not None:
             _apply_plan(model, record.plan, record.request)
@@ -483,20 +448,23 @@ def _freeze(layer_types: str | Sequence[str] | None) -> Any:
     return layer_types if layer_types is None or isinstance(layer_types, str) else tuple(layer_types)
 
 
-def _plan(
-    model: nn.Module,
-    scaling: RopeScaling | None,
-    fields: dict[str, Any],
-    angles: AngleMode,
-    layer_types: str | Sequence[str] | None,
-    replace: bool,
-    schedule: str | float = "auto",
-) -> _Plan:
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """How :func:`patch` builds the new modules."""
+
+    angles: AngleMode
+    layer_types: str | Sequence[str] | None
+    schedule: str | float
+
+
+def _plan(model: nn.Module, request: _Request, options: _Options) -> _Plan:
+    """Everything a patch changes, computed against the untouched model."""
     text_config = _model_config(model)
     sites = _find_sites(model, text_config)
-    if layer_types is not None and all(site.layer_types is None for site in sites):
+    if options.layer_types is not None and all(site.layer_types is None for site in sites):
         raise ValueError(
-            f"layer_types={layer_types!r}: {type(model).__name__} has one rotary table for all layers; "
+            f"layer_types={options.layer_types!r}: {type(model).__name__} has one rotary table for all "
+            "layers; "
             "layer_types applies to models with per-layer-type tables (Gemma3, ...)"
         )
     swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
@@ -504,21 +472,16 @@ def _plan(
     resolved: RopeScaling | None = None
     scaled_types: tuple[str, ...] | None = None
     configs_done: list[Any] = []
-    resolutions: dict[tuple[int, str | None], tuple[RopeScaling | None, RopeScaling]] = {}
-
+    # Per-layer 4.x modules share one config: resolve (and warn) once per config and layer type.
+    resolutions: dict[tuple[int, str | None], tuple[_Declared, RopeScaling]] = {}
     for site in sites:
-        config = site.config
-        if site.layer_types is None:
-            wanted: list[str | None] = [None]
-        else:
-            wanted = list(_select_layer_types(site.layer_types, layer_types))
+        wanted = _site_layer_types(site, options.layer_types)
+        if site.layer_types is not None:
             scaled_types = tuple(t for t in wanted if t is not None)
-        _check_not_multimodal(config, wanted)
-        key = (id(config), wanted[0])
-        if key not in resolutions:  # per-layer 4.x modules share one config: resolve (and warn) once
-            declared, declared_type = _declared(config, wanted[0])
-            wanted_scaling = _resolve(scaling, fields, declared, declared_type, config, replace)
-            resolutions[key] = (declared, _with_target(wanted_scaling))
+        key = (id(site.config), wanted[0])
+        if key not in resolutions:
+            declared = _declared(site.config, wanted[0])
+            resolutions[key] = (declared, _with_target(_resolve(request, declared, site.config)))
         declared, site_scaling = resolutions[key]
         if resolved is not None and site_scaling != resolved:
             raise UnsupportedModelError(
@@ -526,50 +489,69 @@ def _plan(
                 f"{site_scaling}); pass a full RopeScaling"
             )
         resolved = site_scaling
-
-        new_modules: dict[str, RotaryEmbedding] = {}
-        for layer_type in wanted:
-            table = _table(site.module, layer_type)
-            dim = 2 * table.shape[-1]
-            base = _base(config, site.module, layer_type)
-            if declared is not None and declared.method == "none" and not table.is_meta:
-                # Rounded to the table's own dtype: a model cast to bf16 holds a bf16 table.
-                expected = default_inv_freq(dim, base=base).to(table.dtype).float()
-                if not torch.allclose(table.detach().float().cpu(), expected, rtol=1e-5, atol=0):
-                    raise UnsupportedModelError(
-                        f"{site.path}: its table is not plain RoPE with dim={dim}, base={base}; yarn_rope "
-                        "cannot read this rotary layout"
-                    )
-            new_modules[layer_type or ""] = RotaryEmbedding(
-                dim,
-                base=base,
-                scaling=site_scaling,
-                angles=angles,
-                growth=_growth(schedule, model) if site_scaling.is_dynamic else None,
-                device=table.device,
-            )
-        if site.layer_types is None:
-            new: nn.Module = new_modules[""]
-            # Keep the replaced module in the tree (as a child of ours), so that model-wide casts
-            # and moves made while patched reach it and unpatch() returns it in the state they made.
-            new.original = site.module
-        else:
-            new = LayerTypeRotaryEmbedding(site.module, new_modules)
-        _copy_device_hook(site.module, new)
+        new = _new_module(model, site, wanted, declared, site_scaling, options)
         swaps.append((site.parent, site.attribute, site.module, new))
-
-        if not any(config is done for done in configs_done):
-            configs_done.append(config)
-            changes = _config_changes(config, site_scaling, wanted)
-            _warn_if_config_refuses(config, changes)
+        if not any(site.config is done for done in configs_done):
+            configs_done.append(site.config)
+            changes = _config_changes(site.config, site_scaling, wanted)
+            _warn_if_config_refuses(site.config, changes)
             config_values.extend(changes)
-
     assert resolved is not None
     cache_hook = _cache_hook(sites, swaps, text_config, scaled_types) if resolved.is_dynamic else None
     info = PatchInfo(
-        scaling=resolved, angles=angles, modules=tuple(s.path for s in sites), layer_types=scaled_types
+        scaling=resolved,
+        angles=options.angles,
+        modules=tuple(s.path for s in sites),
+        layer_types=scaled_types,
     )
     return _Plan(info=info, swaps=swaps, config_values=config_values, cache_hook=cache_hook)
+
+
+def _site_layer_types(site: _Site, layer_types: str | Sequence[str] | None) -> list[str | None]:
+    if site.layer_types is None:
+        return [None]
+    return list(_select_layer_types(site.layer_types, layer_types))
+
+
+def _new_module(
+    model: nn.Module,
+    site: _Site,
+    wanted: list[str | None],
+    declared: _Declared,
+    scaling: RopeScaling,
+    options: _Options,
+) -> nn.Module:
+    """Our replacement of ``site.module``, holding the original (as a child) to give back unchanged."""
+    new_modules: dict[str, RotaryEmbedding] = {}
+    for layer_type in wanted:
+        table = _compat.original_table(site.module, layer_type)
+        dim = 2 * table.shape[-1]
+        base = _base(site.config, site.module, layer_type)
+        if declared.method == "none" and not table.is_meta:
+            # Rounded to the table's own dtype: a model cast to bf16 holds a bf16 table.
+            expected = default_inv_freq(dim, base=base).to(table.dtype).float()
+            if not torch.allclose(table.detach().float().cpu(), expected, rtol=1e-5, atol=0):
+                raise UnsupportedModelError(
+                    f"{site.path}: its table is not plain RoPE with dim={dim}, base={base}; yarn_rope "
+                    "cannot read this rotary layout"
+                )
+        new_modules[layer_type or ""] = RotaryEmbedding(
+            dim,
+            base=base,
+            scaling=scaling,
+            angles=options.angles,
+            growth=_growth(options.schedule, model) if scaling.is_dynamic else None,
+            device=table.device,
+        )
+    if site.layer_types is None:
+        new: nn.Module = new_modules[""]
+        # Keep the replaced module in the tree (as a child of ours), so that model-wide casts
+        # and moves made while patched reach it and unpatch() returns it in the state they made.
+        new.original = site.module
+    else:
+        new = LayerTypeRotaryEmbedding(site.module, new_modules)
+    _compat.copy_device_hook(site.module, new)
+    return new
 
 
 def _growth(schedule: str | float, model: nn.Module) -> float | None:
@@ -629,22 +611,13 @@ def _select_layer_types(
     return requested
 
 
-def _copy_device_hook(original: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` the accelerate hook ``original`` had (device_map dispatch)."""
-    hook = getattr(original, "_hf_hook", None)
-    if hook is None:
-        return
-    from accelerate.hooks import add_hook_to_module
-
-    add_hook_to_module(new, copy.copy(hook))
-
-
 def _config_changes(
     config: Any, scaling: RopeScaling, layer_types: list[str | None]
 ) -> list[tuple[Any, str, Any]]:
     changes: list[tuple[Any, str, Any]] = []
     hf = scaling.to_hf()
-    if hasattr(config, "rope_parameters"):  # transformers 5
+    key, _ = _compat.config_rope_dict(config)
+    if key == "rope_parameters":  # transformers 5
         old = getattr(config, "rope_parameters", None) or {}
         if layer_types != [None]:
             new: dict[str, Any] = dict(old)
@@ -656,7 +629,7 @@ def _config_changes(
         changes.append((config, "rope_parameters", new))
     else:  # transformers 4.x
         changes.append((config, "rope_scaling", None if scaling.method == "none" else hf))
-    max_positions = _new_max_positions(scaling)
+    max_positions = scaling.context_length()
     if max_positions is not None and hasattr(config, "max_position_embeddings"):
         changes.append((config, "max_position_embeddings", max_positions))
     if scaling.original_max_position_embeddings is not None and hasattr(
@@ -669,14 +642,8 @@ def _config_changes(
 
 def _warn_if_config_refuses(config: Any, changes: list[tuple[Any, str, Any]]) -> None:
     """Warn when the config class will refuse to save the new rope dict (Phi-3 takes only longrope)."""
-    validate = getattr(config, "validate_rope", None)
-    if not callable(validate):
-        return
-    candidate = copy.copy(config)
-    for _, attribute, value in changes:
-        object.__setattr__(candidate, attribute, copy.deepcopy(value))
     try:
-        candidate.validate_rope()
+        _compat.validate_config_copy(config, {attribute: value for _, attribute, value in changes})
     except Exception as error:  # whatever the config class raises, saving would raise it too
         logger.warning(
             "yarn_rope.patch: %s cannot record this scaling (%s). The patched model runs, but "
@@ -702,7 +669,7 @@ def _apply_plan(model: nn.Module, plan: _Plan, request: tuple[Any, ...]) -> None
         for config, attribute, value in plan.config_values:
             existed = attribute in vars(config)
             done_config.append((config, attribute, existed, vars(config).get(attribute)))
-            _set_config(config, attribute, value)
+            _compat.set_config_attribute(config, attribute, value)
         handle = None
         if plan.cache_hook is not None:
             decoder, hook = plan.cache_hook
@@ -715,20 +682,14 @@ def _apply_plan(model: nn.Module, plan: _Plan, request: tuple[Any, ...]) -> None
     setattr(model, _STATE_ATTR, record)
 
 
-def _set_config(config: Any, attribute: str, value: Any) -> None:
-    # object.__setattr__ bypasses transformers' deprecated `rope_scaling` setter on 5.x configs.
-    object.__setattr__(config, attribute, value)
-
-
 def _restore(
     swaps: list[tuple[nn.Module, str, nn.Module]], config_values: list[tuple[Any, str, bool, Any]]
 ) -> None:
     for config, attribute, existed, value in reversed(config_values):
         if existed:
-            _set_config(config, attribute, value)
+            _compat.set_config_attribute(config, attribute, value)
         else:
-            with contextlib.suppress(AttributeError):
-                object.__delattr__(config, attribute)
+            _compat.delete_config_attribute(config, attribute)
     for parent, attribute, original in reversed(swaps):
         setattr(parent, attribute, original)
 

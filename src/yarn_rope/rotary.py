@@ -29,10 +29,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from . import _compat
 from .config import RopeScaling
 from .frequencies import _check_base, _check_dim
 
-__all__ = ["ANGLE_MODES", "AngleMode", "RotaryEmbedding"]
+__all__ = ["ANGLE_MODES", "AngleMode", "RotaryEmbedding", "reduced_angles", "rotate_half"]
 
 AngleMode = Literal["precise", "fp32"]
 ANGLE_MODES: tuple[str, ...] = ("precise", "fp32")
@@ -57,7 +58,8 @@ class RotaryEmbedding(nn.Module):
     Attributes:
         inv_freq: non-persistent float32 buffer ``[dim // 2]``, the current table. It stays
             float32 through ``model.half()`` / ``.to(torch.bfloat16)``.
-        attention_scaling: the float that multiplies cos and sin (YaRN's attention factor).
+        attention_scaling: the float that multiplies cos and sin (YaRN's ``0.1 ln s + 1``,
+            LongRoPE's ``sqrt(1 + ln s / ln L)``; 1.0 for other methods).
 
     Dynamic methods rebuild the table when the current sequence length (largest position + 1
     over the batch, as transformers takes it) calls for another factor; the table then always
@@ -92,8 +94,8 @@ class RotaryEmbedding(nn.Module):
         self.scaling = scaling
         self.angles: AngleMode = angles
         self.growth = None if growth is None else float(growth)
-        # Dynamic methods: the sequence length the current table was built for (its "key").
-        self._table_key: float | None = None
+        # Dynamic methods: what the current table was built for (see RopeScaling.table_key).
+        self._table_key: object = None
         self._table_seq_len: int | None = scaling.threshold()
         inv_freq, self.attention_scaling = self._compute(device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -115,15 +117,11 @@ class RotaryEmbedding(nn.Module):
         # Rounded with a tolerance: threshold * sqrt(2)^2 is 64.00000000000001 in floats, not 65.
         return max(seq_len, math.ceil(threshold * self.growth**steps - 1e-9))
 
-    def _key(self, seq_len: int | None) -> float | None:
-        """What the table depends on: YaRN's factor, or NTK's grown length; ``None`` if static."""
+    def _key(self, seq_len: int | None) -> object:
+        """What the table at ``seq_len`` depends on (the registry's ``table_key``); ``None`` if static."""
         if seq_len is None:
             return None
-        if self.scaling.method == "dynamic-yarn":
-            return self.scaling.dynamic_factor(seq_len)
-        threshold = self.scaling.threshold()
-        assert threshold is not None
-        return float(max(seq_len, threshold))
+        return self.scaling.table_key(seq_len)
 
     def _compute(self, device: torch.device | str | None) -> tuple[torch.Tensor, float]:
         return self.scaling.inv_freq(self.dim, base=self.base, seq_len=self._table_seq_len, device=device)
@@ -135,14 +133,10 @@ class RotaryEmbedding(nn.Module):
         # Keep the master table in float32 whatever a model-wide cast does, and rebuild it when
         # the module is materialised from the meta device (its values were never computed).
         was_meta = self.inv_freq.is_meta
-        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        _compat.module_apply(self, super()._apply, fn, recurse)
         if self.inv_freq.dtype != torch.float32 or (was_meta and not self.inv_freq.is_meta):
             self._rebuild(self.inv_freq.device)
         return self
-
-    def reset_table(self) -> None:
-        """Recompute the table in place (e.g. after ``to_empty()`` on a meta-device model)."""
-        self._rebuild(self.inv_freq.device)
 
     def set_length(self, seq_len: int) -> bool:
         """Dynamic methods: make the table the one for sequences of ``seq_len`` tokens.
@@ -159,7 +153,7 @@ class RotaryEmbedding(nn.Module):
         self._rebuild(self.inv_freq.device)
         return True
 
-    def table_for(self, seq_len: int) -> tuple[float | None, torch.Tensor, float]:
+    def table_for(self, seq_len: int) -> tuple[object, torch.Tensor, float]:
         """(key, inv_freq, attention factor) of the table for ``seq_len`` tokens; no state change."""
         length = self._effective_length(seq_len)
         inv_freq, scale = self.scaling.inv_freq(
@@ -168,7 +162,7 @@ class RotaryEmbedding(nn.Module):
         return self._key(length), inv_freq, scale
 
     @property
-    def table_key(self) -> float | None:
+    def table_key(self) -> object:
         """Dynamic methods: what the current table was built for (see :meth:`set_length`)."""
         return self._table_key
 
@@ -199,7 +193,7 @@ class RotaryEmbedding(nn.Module):
             cos = emb.cos() * self.attention_scaling
             sin = emb.sin() * self.attention_scaling
         else:
-            reduced = _reduced_angles(position_ids.to(x.device), inv_freq)
+            reduced = reduced_angles(position_ids.to(x.device), inv_freq)
             cos_half = reduced.cos().mul_(self.attention_scaling)
             sin_half = reduced.sin().mul_(self.attention_scaling)
             cos = torch.cat((cos_half, cos_half), dim=-1)
@@ -210,16 +204,23 @@ class RotaryEmbedding(nn.Module):
         return f"dim={self.dim}, base={self.base}, method={self.scaling.method!r}, angles={self.angles!r}"
 
 
-def _reduced_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+def reduced_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """``position * inv_freq`` reduced to ``[-pi, pi]``, computed in float64, returned float32.
 
     ``inv_freq`` has 24 significant bits and positions below 2^29 at most 29, so the float64
     product is exact; the reduction by the float64 ``2 pi`` errs by about ``angle * 1e-16``.
-    Shapes: ``position_ids [b, s]``, ``inv_freq [dim / 2]`` -> ``[b, s, dim / 2]``.
+    Also used for the difference of two tables (a float64 ``inv_freq``) when a KV cache is
+    re-rotated. Shapes: ``position_ids [b, s]``, ``inv_freq [dim / 2]`` -> ``[b, s, dim / 2]``.
     """
     if position_ids.device.type == "mps":  # no float64 there
-        return _reduced_angles(position_ids.cpu(), inv_freq.cpu()).to(position_ids.device)
+        return reduced_angles(position_ids.cpu(), inv_freq.cpu()).to(position_ids.device)
     angles = position_ids[..., None].to(torch.float64) * inv_freq.to(torch.float64)
     # angles - 2 pi * round(angles / 2 pi), in place: these are the large temporaries of a prefill.
     turns = torch.div(angles, _TWO_PI).round_().mul_(_TWO_PI)
     return angles.sub_(turns).to(torch.float32)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The half-rotation layout's partner of ``x``: ``cat(-x[..., d/2:], x[..., :d/2])``, shape of ``x``."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

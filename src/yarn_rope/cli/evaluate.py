@@ -7,7 +7,7 @@ import contextlib
 import json
 from typing import Any
 
-from ..frequencies import METHODS
+from ..methods import METHODS
 from . import _common as common
 
 

@@ -7,8 +7,12 @@ import json
 import math
 from typing import Any
 
+from .. import methods as M
 from ..config import RopeScaling
-from ..frequencies import METHODS, default_inv_freq, interpolation_ramp, yarn_correction_range
+from ..frequencies import default_inv_freq, interpolation_ramp, yarn_correction_range
+
+# Example values for a table when a method needs a setting the user did not give.
+_EXAMPLE = {"factor": 8.0, "original_max_position_embeddings": 4096}
 
 
 def _frequency_rows(scaling: RopeScaling, *, dim: int, base: float, seq_len: int | None) -> dict[str, Any]:
@@ -17,7 +21,7 @@ def _frequency_rows(scaling: RopeScaling, *, dim: int, base: float, seq_len: int
     scaled, attention = scaling.inv_freq(dim, base=base, seq_len=seq_len)
     original = scaling.original_max_position_embeddings
     ramp = None
-    if scaling.method in ("yarn", "dynamic-yarn") and original is not None:
+    if "beta_fast" in scaling.spec.settings and original is not None:  # methods with YaRN's ramp
         low, high = yarn_correction_range(
             dim,
             base=base,
@@ -47,7 +51,7 @@ def _frequency_rows(scaling: RopeScaling, *, dim: int, base: float, seq_len: int
         "scaling": scaling.to_dict(),
         "dim": dim,
         "base": base,
-        "attention_factor": attention,
+        "attention_scaling": attention,
         "pairs": rows,
     }
 
@@ -79,29 +83,30 @@ def _print_frequency_table(table: dict[str, Any]) -> None:
             f"pairs: {counts['extrapolated']} extrapolated (unchanged), {counts['ramp']} on the ramp, "
             f"{counts['interpolated']} interpolated (divided by the factor)"
         )
-    print(f"attention factor (multiplies cos and sin): {table['attention_factor']:.6f}")
+    print(f"attention scaling (multiplies cos and sin): {table['attention_scaling']:.6f}")
+
+
+def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line, completed with example values the method needs."""
+    spec = M.get(args.method)
+    fields: dict[str, Any] = {"method": spec.name}
+    for name in M.SETTINGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    if spec.name == "none":
+        return fields
+    for name, value in spec.defaults.items():
+        fields.setdefault(name, value)
+    if "original_max_position_embeddings" in spec.required:
+        fields.setdefault("original_max_position_embeddings", _EXAMPLE["original_max_position_embeddings"])
+    if spec.factor_from_lengths and "factor" not in fields and "max_position_embeddings" not in fields:
+        fields["factor"] = _EXAMPLE["factor"]
+    return fields
 
 
 def _cmd_frequencies(args: argparse.Namespace) -> int:
-    if args.method != "none":
-        if args.factor is None and args.max_position_embeddings is None and args.method != "dynamic-yarn":
-            args.factor = 8.0
-        if args.original_max_position_embeddings is None and args.method not in ("linear", "ntk"):
-            args.original_max_position_embeddings = 4096
-    fields: dict[str, Any] = {"method": args.method}
-    for name in (
-        "factor",
-        "original_max_position_embeddings",
-        "max_position_embeddings",
-        "beta_fast",
-        "beta_slow",
-        "mscale_coefficient",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            fields[name] = value
-    if args.finetuned:
-        fields["finetuned"] = True
+    fields = _settings_from_args(args)
     scaling = RopeScaling(**fields)
     table = _frequency_rows(scaling, dim=args.dim, base=args.base, seq_len=args.seq_len)
     if args.json:
@@ -111,6 +116,41 @@ def _cmd_frequencies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting_parser(setting: M.Setting) -> Any:
+    """How a setting's command-line text becomes a value (the registry validates it afterwards)."""
+    if isinstance(setting.default, bool):
+        return _flag
+    if setting.name in ("short_factor", "long_factor"):
+        return _number_list
+    if setting.name.endswith("position_embeddings"):
+        return int
+    return float
+
+
+def _metavar(setting: M.Setting) -> str:
+    if isinstance(setting.default, bool):
+        return "true|false"
+    if setting.name in ("short_factor", "long_factor"):
+        return "X,Y,..."
+    return "N" if setting.name.endswith("position_embeddings") else "X"
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _number_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
 def register(commands: Any) -> None:
     """Add the ``frequencies`` command to the top-level subparsers."""
     freq = commands.add_parser(
@@ -118,16 +158,21 @@ def register(commands: Any) -> None:
         help="print the per-pair frequency table of a scaling method",
         description="Per-pair rotary frequencies of a scaling method against plain RoPE.",
     )
-    freq.add_argument("--method", default="yarn", choices=METHODS)
-    freq.add_argument("--factor", type=float, default=None, help="scale factor s (default: 8 for yarn)")
-    freq.add_argument("--original-max-position-embeddings", type=int, default=None, metavar="L")
-    freq.add_argument("--max-position-embeddings", type=int, default=None, metavar="N", help="target context")
+    freq.add_argument("--method", default="yarn", choices=M.METHODS)
     freq.add_argument("--dim", type=int, default=128, help="rotary dimension (default 128)")
     freq.add_argument("--base", type=float, default=10000.0, help="rope_theta (default 10000)")
-    freq.add_argument("--beta-fast", type=float, default=None)
-    freq.add_argument("--beta-slow", type=float, default=None)
-    freq.add_argument("--mscale-coefficient", type=float, default=None)
-    freq.add_argument("--finetuned", action="store_true", help="dynamic-yarn: fine-tuned at --factor")
+    for setting in M.SETTINGS.values():  # every setting of every method, from the registry
+        example = _EXAMPLE.get(setting.name)
+        extra = f" (default for a table: {example:g})" if example is not None else ""
+        flag = isinstance(setting.default, bool)  # --finetuned alone means true
+        freq.add_argument(
+            "--" + setting.name.replace("_", "-"),
+            type=_setting_parser(setting),
+            default=None,
+            metavar=_metavar(setting),
+            help=setting.doc + extra,
+            **({"nargs": "?", "const": True} if flag else {}),
+        )
     freq.add_argument("--seq-len", type=int, default=None, help="dynamic methods: current sequence length")
     freq.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON")
     freq.set_defaults(handler=_cmd_frequencies)

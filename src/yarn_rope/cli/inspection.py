@@ -41,11 +41,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if scaling.method == "none":
         print("will use:     plain RoPE")
     else:
-        attention = scaling.attention_scale(scaling.factor or 1.0)
+        attention = scaling.attention_scaling()
         print(
             f"will use:     {scaling.method} factor={scaling.factor} "
             f"original={scaling.original_max_position_embeddings} beta_fast={scaling.beta_fast:g} "
-            f"beta_slow={scaling.beta_slow:g} attention factor={attention:.6f}"
+            f"beta_slow={scaling.beta_slow:g} attention scaling={attention:.6f}"
         )
     for reason in plan.reasons:
         print(f"  because     {reason}")

@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .. import methods as M
 from ..config import RopeScaling
 from ..patch import patched, unpatched
 from .perplexity import PerplexityResult, perplexity
@@ -45,28 +46,38 @@ class MethodResult:
 def scaling_for(
     method: str, *, factor: float, original_max_position_embeddings: int, finetuned: bool = False
 ) -> RopeScaling:
-    """The settings a comparison uses for ``method`` at ``factor`` over the original length."""
-    if method == "none":
+    """The settings a comparison uses for ``method`` at ``factor`` over the original length.
+
+    What each method needs comes from the registry: the original length where the method
+    requires it, the factor where it is the method's scale (dynamic YaRN: only when
+    ``finetuned``), and the method's typical values for its other settings (Llama 3.1's
+    frequency bounds for ``llama3``). LongRoPE cannot be applied at a factor (its per-pair
+    factors come from a search): it is refused.
+    """
+    spec = M.get(method)
+    if spec.name == "none":
         return RopeScaling(method="none")
-    if method in ("linear", "ntk"):
-        return RopeScaling(method=method, factor=factor)
-    if method == "dynamic-yarn":
-        return RopeScaling(
-            method=method,
-            factor=factor if finetuned else None,
-            original_max_position_embeddings=original_max_position_embeddings,
-            finetuned=finetuned,
+    missing = [name for name in spec.required if name not in M.CONTEXT_SETTINGS and name not in spec.defaults]
+    if missing:
+        raise ValueError(
+            f"method {method!r} cannot be applied at a factor: it needs {', '.join(missing)} from a model's "
+            "config; compare it by loading such a model instead"
         )
-    return RopeScaling(
-        method=method, factor=factor, original_max_position_embeddings=original_max_position_embeddings
-    )
+    fields: dict[str, Any] = {"method": spec.name, **spec.defaults}
+    if "original_max_position_embeddings" in spec.required:
+        fields["original_max_position_embeddings"] = original_max_position_embeddings
+    if spec.factor_from_lengths:
+        fields["factor"] = factor
+    elif finetuned and "finetuned" in spec.settings:
+        fields.update(factor=factor, finetuned=True)
+    return RopeScaling(**fields)
 
 
 def _label(scaling: RopeScaling) -> str:
     if scaling.method == "none":
         return "plain RoPE"
-    if scaling.method == "dynamic-yarn" and not scaling.finetuned:
-        return "dynamic-yarn"
+    if scaling.factor is None:
+        return scaling.method
     return f"{scaling.method} x{scaling.factor:g}"
 
 

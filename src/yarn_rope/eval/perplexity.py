@@ -204,15 +204,21 @@ def _documents(inputs: Any, tokenizer: Any | None) -> list[torch.Tensor]:
 
 
 def _is_dynamic(model: Any) -> bool:
+    """Whether the model's table depends on the sequence length (then a pass per length)."""
+    from .. import _compat
+    from ..config import read_rope
     from ..patch import patch_info
 
     info = patch_info(model)
     if info is not None:
         return info.scaling.is_dynamic
     config = getattr(model, "config", None)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = str(rope.get("rope_type") or rope.get("type") or "") if isinstance(rope, dict) else ""
-    return "dynamic" in rope_type or rope_type == "longrope"
+    if config is None:
+        return False
+    try:
+        return read_rope(_compat.text_config(config)).is_dynamic()
+    except (TypeError, ValueError):
+        return False
 
 
 def check_lengths(lengths: int | Sequence[int], *, minimum: int) -> list[int]:

@@ -1,0 +1,222 @@
+"""Every touch of private internals of transformers, accelerate and torch, in one file.
+
+Each function says which releases it was checked on. When an upgrade breaks one of these
+assumptions, this is the file to change; the rest of yarn_rope goes through it.
+
+Checked on: transformers 4.45.2, 4.57.6 and 5.23.0; accelerate 1.15.0; torch 2.4 - 2.13.0.
+
+Facts relied on, not code (kept here so they are read together):
+
+* transformers' ``_init_weights`` re-initialises a module whose class name contains
+  ``RotaryEmbedding`` *and* that has an ``original_inv_freq`` attribute, looking up
+  ``module.rope_type`` (5.23). yarn_rope's modules hold no ``original_inv_freq``, so a
+  meta-device model materialised after patching keeps our tables (we rebuild them ourselves in
+  ``RotaryEmbedding._apply``).
+* transformers' ``@dynamic_rope_update`` rewrites ``inv_freq`` in the forward of its own modules
+  when ``rope_type`` contains ``"dynamic"`` or is ``"longrope"`` (4.45 - 5.23); our modules do not
+  carry the decorator, so nothing rewrites our tables.
+* Phi-3's ``prepare_inputs_for_generation`` drops the KV cache when the prompt first crosses
+  ``original_max_position_embeddings`` (transformers PR #33129, 4.45 - 5.23), so ``generate()``
+  recomputes the prefix with LongRoPE's long factors; a plain ``model(ids, past_key_values=...)``
+  loop does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "cache_layer_keys",
+    "config_rope_dict",
+    "copy_device_hook",
+    "delete_config_attribute",
+    "gguf_rope_config",
+    "is_transformers_config",
+    "rotary_buffer_names",
+    "set_config_attribute",
+    "text_config",
+    "transformers_major",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers: versions and configs
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def transformers_major() -> int:
+    """Major version of the installed transformers (4 or 5)."""
+    import transformers
+
+    return int(str(transformers.__version__).split(".", 1)[0])
+
+
+def is_transformers_config(obj: Any) -> bool:
+    """Whether ``obj`` looks like a transformers ``PretrainedConfig`` (4.x) / ``PreTrainedConfig`` (5.x)."""
+    return hasattr(obj, "to_dict") and any(
+        hasattr(obj, key) for key in ("rope_parameters", "rope_scaling", "max_position_embeddings")
+    )
+
+
+def config_rope_dict(config: Any) -> tuple[str, Any]:
+    """``(key, value)`` of the rope dict a config object's own release reads.
+
+    transformers 5 reads ``config.rope_parameters`` (its ``rope_scaling`` is an alias of it);
+    4.x reads ``config.rope_scaling`` and ignores a ``rope_parameters`` attribute that a 5.x
+    ``config.json`` may have left on the object (checked 4.45.2, 4.57.6, 5.23.0).
+    """
+    key = "rope_parameters" if transformers_major() >= 5 else "rope_scaling"
+    return key, getattr(config, key, None)
+
+
+def text_config(config: Any) -> Any:
+    """The decoder's text config of a (possibly multimodal) config (``get_text_config``, 4.45+)."""
+    getter = getattr(config, "get_text_config", None)
+    if callable(getter):
+        try:
+            return getter(decoder=True)
+        except TypeError:  # releases whose get_text_config takes no `decoder`
+            return getter()
+    return config
+
+
+def set_config_attribute(config: Any, name: str, value: Any) -> None:
+    """Set a config attribute as plain data.
+
+    ``object.__setattr__`` bypasses transformers 5's property setters (``rope_scaling`` warns
+    and rewrites ``rope_parameters``; checked 5.23.0), so a patch records exactly the value it
+    restores.
+    """
+    object.__setattr__(config, name, value)
+
+
+def delete_config_attribute(config: Any, name: str) -> None:
+    """Remove an attribute :func:`set_config_attribute` added (no-op if absent)."""
+    with contextlib.suppress(AttributeError):
+        object.__delattr__(config, name)
+
+
+def validate_config_copy(config: Any, changes: Mapping[str, Any]) -> None:
+    """Run the config class's own rope validation on a copy with ``changes`` applied.
+
+    Raises whatever ``validate_rope`` raises (e.g. Phi-3 accepts only ``longrope``; 5.x).
+    """
+    validate = getattr(config, "validate_rope", None)
+    if not callable(validate):
+        return
+    candidate = copy.copy(config)
+    for attribute, value in changes.items():
+        set_config_attribute(candidate, attribute, copy.deepcopy(value))
+    candidate.validate_rope()
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary modules and their buffers
+# ------------------------------------------------------------------------------------------------
+
+
+def rotary_buffer_names(module: nn.Module) -> tuple[bool, tuple[str, ...]]:
+    """``(has a plain inv_freq buffer, layer types with {layer_type}_inv_freq buffers)`` of ``module``.
+
+    Reads the module's *own* registered buffers (``module._buffers``), not its children's: one
+    rotary module per model (5.x), per attention layer (4.45), or per-layer-type buffers
+    (Gemma3, Olmo3, ...; 4.50+). Checked 4.45.2, 4.57.6, 5.23.0.
+    """
+    own = module._buffers
+    per_type = sorted(
+        name[: -len("_inv_freq")]
+        for name in own
+        if name.endswith("_inv_freq") and not name.endswith("original_inv_freq") and name != "inv_freq"
+    )
+    return "inv_freq" in own, tuple(per_type)
+
+
+def original_table(module: nn.Module, layer_type: str | None) -> torch.Tensor:
+    """The module's unscaled-at-init table: ``original_inv_freq`` when it keeps one, else ``inv_freq``.
+
+    transformers' dynamic modules rewrite ``inv_freq`` during forward but keep the initial table
+    in ``original_inv_freq`` (``{layer_type}_original_inv_freq`` per layer type; 4.45 - 5.23).
+    """
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    table = getattr(module, f"{prefix}original_inv_freq", None)
+    if not isinstance(table, torch.Tensor):
+        table = getattr(module, f"{prefix}inv_freq")
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{prefix}inv_freq is not a tensor")
+    return table
+
+
+def copy_device_hook(original: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the accelerate dispatch hook ``original`` had (``device_map`` models).
+
+    accelerate stores it as ``module._hf_hook`` and wraps ``forward`` (checked 1.0 - 1.15).
+    """
+    hook = getattr(original, "_hf_hook", None)
+    if hook is None:
+        return
+    from accelerate.hooks import add_hook_to_module
+
+    add_hook_to_module(new, copy.copy(hook))
+
+
+def module_apply(module: nn.Module, parent_apply: Callable[..., Any], fn: Any, recurse: bool) -> None:
+    """Run torch's ``nn.Module._apply`` (the private method every ``.to()``, ``.half()``,
+    ``.cuda()`` and ``to_empty()`` goes through; signature checked torch 2.4 - 2.13)."""
+    parent_apply(fn, recurse)
+
+
+# ------------------------------------------------------------------------------------------------
+# KV caches
+# ------------------------------------------------------------------------------------------------
+
+
+def cache_layer_keys(cache: Any) -> list[tuple[str, torch.Tensor | None]] | None:
+    """``[(layer class name, keys tensor or None)]`` of a transformers cache, or ``None`` if it has no layers.
+
+    ``DynamicCache`` / ``StaticCache`` hold ``cache.layers[i].keys`` (``[b, n_kv, s, h_d]``),
+    which can be rotated in place; quantized and offloaded layers keep keys elsewhere and are
+    reported with ``None`` (class names ``*Quantized*`` / ``*Offloaded*``; checked 4.57.6,
+    5.23.0; 4.45's ``DynamicCache`` holds ``key_cache`` lists instead and is not supported).
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    out: list[tuple[str, torch.Tensor | None]] = []
+    for layer in layers:
+        name = type(layer).__name__
+        keys = getattr(layer, "keys", None)
+        rotatable = isinstance(keys, torch.Tensor) and "Quantized" not in name and "Offloaded" not in name
+        out.append((name, keys if rotatable else None))
+    return out
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens already in a cache (``get_seq_length()``, 4.45 - 5.23); 0 for ``None``."""
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return int(cache.get_seq_length())
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF metadata (the GGUF format's key names, as llama.cpp writes them)
+# ------------------------------------------------------------------------------------------------
+
+
+def gguf_rope_config(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``config.json``-like dict of the rope settings in GGUF metadata (``{arch}.rope.*``).
+
+    transformers drops YaRN metadata when it opens a GGUF file (5.23 rebuilds rope scaling from
+    GGUF only for gpt-oss), so yarn_rope reads it from the file itself. The key names and their
+    meaning are llama.cpp's (see :mod:`yarn_rope.methods`, the llama.cpp spelling).
+    """
+    from .methods import from_gguf_metadata
+
+    return from_gguf_metadata(metadata)
