@@ -41,7 +41,10 @@ from transformers import (
 
 import yarn_rope
 import yarn_rope.cli
+import yarn_rope.gguf
 import yarn_rope.loading
+import yarn_rope.loading.model
+import yarn_rope.methods
 from yarn_rope import RopeScaling, RotaryEmbedding, patch, patch_info
 from yarn_rope.loading import CODE_FAMILIES, FLASH_EXTRA, LoadPlan, choose_attention, choose_dtype
 
@@ -258,13 +261,13 @@ def fake_hardware(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
                 return importlib.machinery.ModuleSpec("flash_attn", None) if flash else None
             return real(name, *args, **kwargs)
 
-        monkeypatch.setattr(yarn_rope.loading.importlib.util, "find_spec", find_spec)
+        monkeypatch.setattr(yarn_rope.loading.hardware.importlib.util, "find_spec", find_spec)
 
     return setup
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.WARNING]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -773,9 +776,11 @@ def test_missing_shard_is_named_before_any_model_is_built(family_dir, tmp_path, 
     assert shard in str(error.value) and "model.safetensors.index.json" in str(error.value)
 
 
-def test_torch_dtype_keyword_is_refused(family_dir, no_model_load):
-    with pytest.raises(TypeError, match="pass dtype= instead of torch_dtype="):
-        yarn_rope.from_pretrained(family_dir("Yarn-Llama-2-7b-64k"), torch_dtype=torch.float32)
+def test_torch_dtype_disagreeing_with_dtype_is_refused(family_dir, no_model_load):
+    with pytest.raises(ValueError, match="torch_dtype is the old name of dtype"):
+        yarn_rope.from_pretrained(
+            family_dir("Yarn-Llama-2-7b-64k"), dtype="bfloat16", torch_dtype=torch.float32
+        )
 
 
 def test_a_file_instead_of_a_folder(family_dir, no_model_load):
@@ -880,7 +885,9 @@ _FULL_YARN = {
 def test_gguf_field_mapping(tmp_path, arch, scaling, expected):
     path = tmp_path / "tiny.gguf"
     numel = _tiny_gguf(path, arch=arch, scaling=scaling)
-    assert yarn_rope.loading._gguf_scaling(path) == (expected, numel)
+    metadata = yarn_rope.gguf.read_metadata(path)
+    assert metadata.tensor_elements == numel
+    assert yarn_rope.methods.from_gguf_metadata(metadata.fields)["rope_scaling"] == expected
 
 
 def test_plan_load_gguf_weight_bytes_and_missing_file(tmp_path):
@@ -940,13 +947,13 @@ def smollm2_yarn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, P
 def test_gguf_with_yarn_metadata_loads_patched(smollm2_yarn, monkeypatch):
     folder, name, source = smollm2_yarn
     plans: list[LoadPlan] = []
-    real_plan_load = yarn_rope.loading.plan_load
+    real_plan_load = yarn_rope.loading.model.plan_load
 
     def spy(*args: Any, **kwargs: Any) -> LoadPlan:
         plans.append(real_plan_load(*args, **kwargs))
         return plans[-1]
 
-    monkeypatch.setattr(yarn_rope.loading, "plan_load", spy)  # the plan from_pretrained works from
+    monkeypatch.setattr(yarn_rope.loading.model, "plan_load", spy)  # the plan from_pretrained works from
     model = yarn_rope.from_pretrained(folder, gguf_file=name)
 
     (plan,) = plans

@@ -220,3 +220,42 @@ def gguf_rope_config(metadata: Mapping[str, Any]) -> dict[str, Any]:
     from .methods import from_gguf_metadata
 
     return from_gguf_metadata(metadata)
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers: loading
+# ------------------------------------------------------------------------------------------------
+
+
+def hub_config_file(name: str, hub: Mapping[str, Any]) -> Any:
+    """Fetch (or find in the cache) ``config.json`` of a Hub model.
+
+    ``transformers.utils.hub.cached_file`` (4.45 - 5.23) raises ``OSError`` subclasses with long
+    messages; they become one-line ``FileNotFoundError`` here.
+    """
+    from pathlib import Path
+
+    from transformers.utils.hub import cached_file
+
+    try:
+        resolved = cached_file(name, "config.json", **{k: v for k, v in hub.items() if v is not None})
+    except Exception as error:
+        raise FileNotFoundError(
+            f"{name!r} is neither a local folder nor a Hub model whose config.json could be fetched "
+            f"(offline?): {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
+    if resolved is None:
+        raise FileNotFoundError(f"could not fetch config.json of {name!r}")
+    return Path(resolved)
+
+
+def dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword of the weights' dtype: ``dtype`` from 4.56, ``torch_dtype`` before.
+
+    (4.57.6 and 5.23.0 read ``dtype`` and still accept ``torch_dtype``; 4.45.2 reads only
+    ``torch_dtype``.)
+    """
+    import transformers
+
+    major, minor = (int(part) for part in str(transformers.__version__).split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"

@@ -37,7 +37,9 @@ PREFIX = M.PREFIX
 MODEL_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
 _MULTIMODAL_TYPES = ("mrope", "3d", "default_3d")
 # Set while RopeScaling.replace() copies settings whose lengths it already warned about.
-_QUIET_LENGTHS: contextvars.ContextVar[bool] = contextvars.ContextVar("yarn_rope_quiet_lengths", default=False)
+_QUIET_LENGTHS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "yarn_rope_quiet_lengths", default=False
+)
 
 
 def _warn(message: str, *args: Any) -> None:
