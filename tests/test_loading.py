@@ -267,7 +267,9 @@ def fake_hardware(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.WARNING
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
