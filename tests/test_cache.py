@@ -896,3 +896,57 @@ def test_dynamic_yarn_factor_follows_the_paper_rule() -> None:
         inv_freq, scale = patch_info(model).scaling.inv_freq(HEAD_DIM, base=10000.0, seq_len=n)
         assert torch.equal(rotary.inv_freq, inv_freq)
         assert rotary.attention_scaling == scale
+
+
+# ------------------------------------------------------------------------------------------------
+# LongRoPE: the short -> long switch in a plain cached loop
+# ------------------------------------------------------------------------------------------------
+
+
+def phi3_longrope(layers: int) -> nn.Module:
+    """A tiny Phi-3 with LongRoPE (original 32, long 128), attention sharp enough to see positions."""
+    pairs = HEAD_DIM // 2
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=4 * HEAD_DIM,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4 * ORIGINAL,
+        original_max_position_embeddings=ORIGINAL,
+        initializer_range=0.1,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.05 * i for i in range(pairs)],
+            "long_factor": [1.0 + 1.5 * i for i in range(pairs)],
+        },
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return transformers.Phi3ForCausalLM(config).eval()
+
+
+def test_longrope_one_layer_plain_loop_across_the_switch_equals_full_recompute() -> None:
+    """transformers' generate() recomputes the prefix at the switch; a plain cached loop does not,
+    and attends to keys rotated with the short factors. Patched, the loop re-rotates them once."""
+    native = phi3_longrope(1)
+    model = phi3_longrope(1)
+    patch(model)
+    hook = sync_hook(model)
+    steps = 30  # prompt of 20 tokens, switch at 33
+    ids, cached = cached_decode(model, token_ids(PROMPT), steps)
+    full = recompute(model, ids, PROMPT)
+    assert (cached - full).abs().max().item() < ATOL
+    assert hook.rerotations == 1  # short -> long, once
+    # The unpatched model in the same loop: equal before the switch, stale after it.
+    _, stale = cached_decode(native, ids[:, :PROMPT], steps, forced=ids)
+    native_full = recompute(native, ids, PROMPT)
+    difference = (stale - native_full).abs().amax(-1)
+    switch_row = ORIGINAL - PROMPT
+    assert difference[: switch_row + 1].max() < ATOL
+    assert difference[switch_row + 1 :].max() > 1e-3
+    torch.testing.assert_close(full, native_full, rtol=0, atol=1e-4)  # same model, precise angles

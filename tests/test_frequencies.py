@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import yarn_rope
 import yarn_rope.frequencies as frequencies
 from yarn_rope.frequencies import (
     default_inv_freq,
@@ -30,6 +31,9 @@ from yarn_rope.frequencies import (
     dynamic_ntk_inv_freq,
     interpolation_ramp,
     linear_inv_freq,
+    llama3_inv_freq,
+    longrope_attention_scaling,
+    longrope_inv_freq,
     ntk_by_parts_inv_freq,
     ntk_inv_freq,
     rotary_dim,
@@ -904,3 +908,168 @@ class TestBadInputs:
         # Raised by yarn_rope itself, never by torch or Python deep inside a computation.
         origin = Path(str(excinfo.traceback[-1].path)).resolve()
         assert origin.is_relative_to(PACKAGE_DIR), origin
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Llama 3 and LongRoPE, against transformers' own tables (the authors' code predates them)
+# --------------------------------------------------------------------------------------------
+
+
+def _transformers_table(rope_parameters: dict, *, head_dim: int, max_position_embeddings: int, seq_len=None):
+    """(inv_freq, attention scaling) of transformers' ROPE_INIT_FUNCTIONS for a tiny Llama config."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(
+        hidden_size=2 * head_dim,
+        num_attention_heads=2,
+        head_dim=head_dim,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        vocab_size=8,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters=dict(rope_parameters),
+    )
+    return ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, None, seq_len=seq_len)
+
+
+# Llama 3.1 8B/70B/405B and 3.2 1B/3B settings, and some off the beaten track.
+_LLAMA3 = [
+    (128, 500000.0, 8.0, 1.0, 4.0, 8192),
+    (64, 500000.0, 32.0, 1.0, 4.0, 8192),
+    (128, 10000.0, 4.0, 1.0, 4.0, 4096),
+    (96, 1e6, 16.0, 2.0, 8.0, 2048),
+    (128, 500000.0, 1.0, 1.0, 4.0, 8192),
+]
+
+
+class TestLlama3:
+    @pytest.mark.parametrize(("dim", "base", "factor", "low", "high", "original"), _LLAMA3)
+    def test_bit_equal_to_transformers(self, quiet_transformers, dim, base, factor, low, high, original):
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": base,
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": original,
+        }
+        expected, expected_scaling = _transformers_table(
+            rope, head_dim=dim, max_position_embeddings=16 * original
+        )
+        ours = llama3_inv_freq(
+            dim,
+            base=base,
+            factor=factor,
+            original_max_position_embeddings=original,
+            low_freq_factor=low,
+            high_freq_factor=high,
+        )
+        assert torch.equal(ours, expected), (ours - expected).abs().max()
+        by_name, scaling = inv_freq(
+            "llama3",
+            dim,
+            base=base,
+            factor=factor,
+            original_max_position_embeddings=original,
+            low_freq_factor=low,
+            high_freq_factor=high,
+        )
+        assert torch.equal(by_name, expected) and scaling == expected_scaling == 1.0
+
+    def test_regions_follow_the_wavelength_bounds(self):
+        dim, base, original = 128, 500000.0, 8192
+        plain = default_inv_freq(dim, base=base)
+        ours = llama3_inv_freq(
+            dim, base=base, factor=8.0, original_max_position_embeddings=original, low_freq_factor=1.0,
+            high_freq_factor=4.0,
+        )  # fmt: skip
+        wavelength = 2 * math.pi / plain
+        fast = wavelength < original / 4.0
+        slow = wavelength > original / 1.0
+        assert torch.equal(ours[fast], plain[fast])  # extrapolated: unchanged
+        torch.testing.assert_close(ours[slow], plain[slow] / 8.0, rtol=1e-6, atol=0)  # interpolated
+        between = ~fast & ~slow
+        assert between.any()
+        ratio = plain[between] / ours[between]
+        assert torch.all((ratio > 1.0) & (ratio < 8.0))
+
+    def test_high_not_above_low_raises(self):
+        with pytest.raises(ValueError, match="high_freq_factor"):
+            llama3_inv_freq(
+                64, base=1e4, factor=8.0, original_max_position_embeddings=4096, low_freq_factor=4.0,
+                high_freq_factor=4.0,
+            )  # fmt: skip
+
+
+def _longrope_rope(pairs: int, original: int, **extra) -> dict:
+    generator = torch.Generator().manual_seed(pairs)
+    short = (1.0 + 0.2 * torch.rand(pairs, generator=generator)).tolist()
+    long = (1.0 + 40.0 * torch.rand(pairs, generator=generator).sort().values).tolist()
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": short,
+        "long_factor": long,
+        "original_max_position_embeddings": original,
+        **extra,
+    }
+
+
+class TestLongRope:
+    @pytest.mark.parametrize(
+        ("dim", "original", "max_positions", "extra"),
+        [
+            (96, 4096, 131072, {}),  # Phi-3-mini-128k: no factor key, s = 131072 / 4096
+            (128, 4096, 131072, {"factor": 32.0}),
+            (64, 8192, 65536, {"attention_factor": 1.25}),
+            (32, 2048, 2048, {}),  # s = 1: no attention scaling
+        ],
+    )
+    @pytest.mark.parametrize("seq_len", [None, 100, "original", "original+1", 50000])
+    def test_bit_equal_to_transformers(
+        self, quiet_transformers, dim, original, max_positions, extra, seq_len
+    ):
+        rope = _longrope_rope(dim // 2, original, **extra)
+        length = {"original": original, "original+1": original + 1}.get(seq_len, seq_len)
+        expected, expected_scaling = _transformers_table(
+            rope, head_dim=dim, max_position_embeddings=max_positions, seq_len=length
+        )
+        scaling = yarn_rope.RopeScaling.from_hf(
+            {"max_position_embeddings": max_positions, "rope_parameters": rope}
+        )
+        ours, ours_scaling = scaling.inv_freq(dim, base=10000.0, seq_len=length)
+        assert torch.equal(ours, expected), (ours - expected).abs().max()
+        assert ours_scaling == pytest.approx(expected_scaling, rel=1e-15)
+
+    def test_switch_is_beyond_the_original_length(self):
+        rope = _longrope_rope(16, 1024)
+        scaling = yarn_rope.RopeScaling.from_hf({"max_position_embeddings": 8192, "rope_parameters": rope})
+        short = longrope_inv_freq(32, base=1e4, rescale_factors=rope["short_factor"])
+        long = longrope_inv_freq(32, base=1e4, rescale_factors=rope["long_factor"])
+        for seq_len, expected in ((1, short), (1024, short), (1025, long), (8192, long)):
+            assert torch.equal(scaling.inv_freq(32, base=1e4, seq_len=seq_len)[0], expected)
+        assert scaling.table_key(1024) != scaling.table_key(1025) == scaling.table_key(10**6)
+
+    def test_attention_scaling_formula(self):
+        # sqrt(1 + ln(s) / ln(L)), the LongRoPE paper's (and Phi-3's) attention factor.
+        assert longrope_attention_scaling(32.0, 4096) == pytest.approx(
+            math.sqrt(1 + math.log(32) / math.log(4096))
+        )
+        assert longrope_attention_scaling(1.0, 4096) == 1.0
+        assert longrope_attention_scaling(32.0, 4096, attention_factor=1.1) == 1.1
+
+    @pytest.mark.parametrize(
+        ("factors", "error", "needle"),
+        [
+            ([1.0] * 15, ValueError, "16 pairs"),
+            ([1.0] * 15 + [0.0], ValueError, "rescale_factors[15]"),
+            ([1.0] * 15 + [float("nan")], ValueError, "nan"),
+            ("1,2", TypeError, "list of numbers"),
+            (4.0, TypeError, "list of numbers"),
+        ],
+    )
+    def test_bad_factor_lists(self, factors, error, needle):
+        with pytest.raises(error) as info:
+            longrope_inv_freq(32, base=1e4, rescale_factors=factors)
+        assert needle in str(info.value)

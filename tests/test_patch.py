@@ -961,3 +961,116 @@ class TestAccelerate:
         patch(model, **YARN)
         assert isinstance(model.model.rotary_emb, RotaryEmbedding)
         assert torch.equal(logits(model), logits(reference))
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. Llama 3 and LongRoPE models
+# ------------------------------------------------------------------------------------------------
+
+
+def _llama3(rope: dict) -> dict:
+    return {
+        **rope,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": M // 2,
+    }
+
+
+class TestLlama3Model:
+    def test_patch_reproduces_native_logits_and_reverts(self):
+        model = build("llama", _llama3)
+        native = logits(model)
+        before = snapshot(model)
+        patch(model, angles="fp32")  # the declared llama3 scaling, with yarn_rope's module
+        info = patch_info(model)
+        assert info is not None and info.scaling.method == "llama3"
+        assert isinstance(rotary(model, "llama"), RotaryEmbedding)
+        assert torch.equal(logits(model), native)
+        unpatch(model)
+        assert torch.equal(logits(model), native)
+        assert_unchanged(model, before)
+
+    def test_precise_angles_stay_close(self):
+        model = build("llama", _llama3)
+        native = logits(model)
+        patch(model)
+        assert not torch.equal(logits(model), native)  # float64 angles, not transformers' float32
+        torch.testing.assert_close(logits(model), native, rtol=0, atol=1e-4)
+
+    def test_yarn_replaces_llama3_only_when_asked(self):
+        model = build("llama", _llama3)
+        with pytest.raises(ValueError, match="replace=True"):
+            patch(model, factor=4.0)
+        patch(model, factor=4.0, replace=True, angles="fp32")
+        scaling = patch_info(model).scaling
+        # The original length comes from what the llama3 scaling declared.
+        assert (scaling.method, scaling.factor, scaling.original_max_position_embeddings) == (
+            "yarn",
+            4.0,
+            M // 2,
+        )
+        expected = yarn_rope.yarn_inv_freq(
+            16, base=10000.0, factor=4.0, original_max_position_embeddings=M // 2
+        )
+        assert torch.equal(scaled_module(model, "llama").inv_freq, expected)
+
+    def test_saved_llama3_reloads_in_vanilla_transformers(self, tmp_path):
+        model = build("llama")
+        patch(model, method="llama3", factor=8.0, original_max_position_embeddings=M // 2, angles="fp32")
+        model.save_pretrained(tmp_path)
+        saved = json.loads((tmp_path / "config.json").read_text())
+        assert saved["rope_parameters"]["rope_type"] == "llama3"
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(logits(reloaded), logits(model))
+
+
+def _phi3_longrope(layers: int = 2, *, seed: int = 0) -> nn.Module:
+    """A tiny Phi-3 with LongRoPE: original context 64, long context 256, 8 rotary pairs."""
+    pairs = 8
+    cfg = Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        original_max_position_embeddings=64,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(pairs)],
+            "long_factor": [1.0 + 0.9 * i for i in range(pairs)],
+        },
+        **_TOKENS,
+    )
+    torch.manual_seed(seed)
+    return Phi3ForCausalLM(cfg).eval()
+
+
+class TestLongRopeModel:
+    def test_forward_equals_native_below_and_beyond_the_switch(self):
+        model = _phi3_longrope()
+        short, long = IDS[:, :60], IDS[:, :200]
+        native_short, native_long = logits(model, short), logits(model, long)
+        patch(model, angles="fp32")
+        assert patch_info(model).scaling.method == "longrope"
+        assert torch.equal(logits(model, short), native_short)
+        assert torch.equal(logits(model, long), native_long)
+
+    def test_generate_across_the_switch_equals_native_generate(self):
+        """transformers' Phi-3 generate() drops the cache at the switch and recomputes (PR #33129):
+        the patched model must give that exact answer, step by step."""
+        native = _phi3_longrope()
+        model = copy.deepcopy(native)
+        patch(model, angles="fp32")
+        prompt = IDS[:, :58]  # the switch (65 tokens) falls inside the 12 generated ones
+        options = {**_GENERATE, "max_new_tokens": 12, "min_new_tokens": 12}
+        theirs = native.generate(prompt, **options)
+        ours = model.generate(prompt, **options)
+        assert torch.equal(ours.sequences, theirs.sequences)
+        for mine, reference in zip(ours.scores, theirs.scores, strict=True):
+            assert torch.equal(mine, reference)

@@ -38,6 +38,9 @@ from .rotary import RotaryEmbedding, reduced_angles, rotate_half
 __all__ = ["KeyCacheSync", "UnsupportedCacheError", "rerotate_keys"]
 
 
+_Table = tuple[object, torch.Tensor, float]  # (table key, inv_freq, attention scaling)
+
+
 class UnsupportedCacheError(TypeError):
     """A cache whose keys yarn_rope cannot bring to new frequencies."""
 
@@ -93,9 +96,7 @@ class KeyCacheSync:
         self.rerotations = 0  # how many times a cache was brought to a new table (for tests, logs)
         # The table each live cache's keys carry. Kept per cache, not read off the rotary module:
         # a forward at another length (an uncached pass, another conversation) changes the module.
-        self._carried: weakref.WeakKeyDictionary[Any, tuple[object, torch.Tensor, float]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._carried: weakref.WeakKeyDictionary[Any, _Table] = weakref.WeakKeyDictionary()
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         cache = kwargs.get("past_key_values")
@@ -124,21 +125,13 @@ class KeyCacheSync:
             carried = leader.table_for(past)
         if past > 0 and carried is not None and carried[0] != current[0]:
             positions = _cached_positions(kwargs.get("attention_mask"), past, new_tokens, position_ids)
-            self._rerotate(cache, past, positions, carried[1], carried[2], current[1], current[2])
+            self._rerotate(cache, past, positions, carried, current)
             self.rerotations += 1
         with contextlib.suppress(TypeError):
             self._carried[cache] = (current[0], current[1].clone(), current[2])
 
-    def _rerotate(
-        self,
-        cache: Any,
-        past: int,
-        positions: torch.Tensor,
-        old_inv_freq: torch.Tensor,
-        old_scale: float,
-        new_inv_freq: torch.Tensor,
-        new_scale: float,
-    ) -> None:
+    def _rerotate(self, cache: Any, past: int, positions: torch.Tensor, old: _Table, new: _Table) -> None:
+        """Bring every scaled layer's cached keys from table ``old`` to table ``new``."""
         layers = _compat.cache_layer_keys(cache)
         if layers is None:
             raise UnsupportedCacheError(
@@ -165,10 +158,10 @@ class KeyCacheSync:
             rerotate_keys(  # in place: `view` is a slice of the cache's own tensor
                 view,
                 where,
-                old_inv_freq=old_inv_freq,
-                old_scale=old_scale,
-                new_inv_freq=new_inv_freq,
-                new_scale=new_scale,
+                old_inv_freq=old[1],
+                old_scale=old[2],
+                new_inv_freq=new[1],
+                new_scale=new[2],
             )
 
 

@@ -119,13 +119,8 @@ class RopeScaling:
             self.original_max_position_embeddings,
             self.max_position_embeddings,
         )
-        if (
-            spec.consistent_lengths
-            and (spec.name == "yarn" or self.finetuned)
-            and factor
-            and original
-            and target
-        ):
+        consistent = spec.consistent_lengths and (spec.name == "yarn" or self.finetuned)
+        if consistent and factor and original and target and not _QUIET_LENGTHS.get():
             implied = target / original
             if not math.isclose(implied, factor, rel_tol=1e-9):
                 _warn(

@@ -116,6 +116,14 @@ def _integer(name: str, value: object, *, minimum: int = 1) -> int:
     return number
 
 
+def _check_ntk_dim(dim: object, what: str) -> int:
+    """An even rotary dimension of at least 4: NTK-aware bases divide by ``dim - 2``."""
+    checked = _check_dim(dim)
+    if checked < 4:
+        raise ValueError(f"{what} needs dim >= 4 (it divides by dim - 2), got dim={checked}")
+    return checked
+
+
 def _check_dim(dim: object) -> int:
     dim = _integer("dim", dim, minimum=1)
     if dim % 2:
@@ -234,9 +242,7 @@ def ntk_inv_freq(
     Returns:
         shape ``[dim // 2]``, float32.
     """
-    dim = _check_dim(dim)
-    if dim < 4:
-        raise ValueError(f"NTK-aware scaling needs dim >= 4 (it divides by dim - 2), got dim={dim}")
+    dim = _check_ntk_dim(dim, "NTK-aware scaling")
     factor = _check_factor(factor, method="ntk")
     return default_inv_freq(dim, base=_ntk_base(dim, _check_base(base), factor), device=device)
 
@@ -451,9 +457,7 @@ def ntk_by_parts_inv_freq(
     Returns:
         shape ``[dim // 2]``, float32.
     """
-    dim = _check_dim(dim)
-    if dim < 4:
-        raise ValueError(f"NTK-by-parts needs dim >= 4 (it divides by dim - 2), got dim={dim}")
+    dim = _check_ntk_dim(dim, "NTK-by-parts")
     base = _check_base(base)
     factor = _check_factor(factor, method="ntk-by-parts")
     ntk_factor = _number("ntk_factor", ntk_factor)
@@ -496,9 +500,7 @@ def dynamic_ntk_inv_freq(
     Returns:
         shape ``[dim // 2]``, float32.
     """
-    dim = _check_dim(dim)
-    if dim < 4:
-        raise ValueError(f"dynamic NTK needs dim >= 4 (it divides by dim - 2), got dim={dim}")
+    dim = _check_ntk_dim(dim, "dynamic NTK")
     base = _check_base(base)
     factor = _check_factor(factor, method="dynamic-ntk")
     original = _integer("original_max_position_embeddings", original_max_position_embeddings)

@@ -355,36 +355,16 @@ UNSUPPORTED_ROPE_TYPES: tuple[str, ...] = ("proportional", "mrope", "3d", "axial
 # ------------------------------------------------------------------------------------------------
 
 
-def _plain_table(
-    dim: int, base: float, s: Settings, seq_len: int | None, device: Any
-) -> tuple[torch.Tensor, float]:
-    return F.default_inv_freq(dim, base=base, device=device), 1.0
+def _static(function: Callable[..., torch.Tensor], *names: str) -> TableFunction:
+    """The table function of a static method without attention scaling: ``function(dim, base=...,
+    device=..., <names from the settings>)``, attention scaling 1."""
 
+    def table(
+        dim: int, base: float, s: Settings, seq_len: int | None, device: torch.device | str | None
+    ) -> tuple[torch.Tensor, float]:
+        return function(dim, base=base, device=device, **{name: s[name] for name in names}), 1.0
 
-def _linear_table(
-    dim: int, base: float, s: Settings, seq_len: int | None, device: Any
-) -> tuple[torch.Tensor, float]:
-    return F.linear_inv_freq(dim, base=base, factor=s["factor"], device=device), 1.0
-
-
-def _ntk_table(
-    dim: int, base: float, s: Settings, seq_len: int | None, device: Any
-) -> tuple[torch.Tensor, float]:
-    return F.ntk_inv_freq(dim, base=base, factor=s["factor"], device=device), 1.0
-
-
-def _ntk_by_parts_table(
-    dim: int, base: float, s: Settings, seq_len: int | None, device: Any
-) -> tuple[torch.Tensor, float]:
-    table = F.ntk_by_parts_inv_freq(
-        dim,
-        base=base,
-        factor=s["factor"],
-        original_max_position_embeddings=s["original_max_position_embeddings"],
-        extrapolation_factor=s["extrapolation_factor"],
-        device=device,
-    )
-    return table, 1.0
+    return table
 
 
 def _dynamic_ntk_threshold(s: Settings) -> int | None:
@@ -497,21 +477,6 @@ def _check_dynamic_yarn(values: dict[str, Any]) -> None:
             "dynamic-yarn with finetuned=True needs the fine-tuned factor or max_position_embeddings "
             "(factor = max_position_embeddings / original)"
         )
-
-
-def _llama3_table(
-    dim: int, base: float, s: Settings, seq_len: int | None, device: Any
-) -> tuple[torch.Tensor, float]:
-    table = F.llama3_inv_freq(
-        dim,
-        base=base,
-        factor=s["factor"],
-        original_max_position_embeddings=s["original_max_position_embeddings"],
-        low_freq_factor=s["low_freq_factor"],
-        high_freq_factor=s["high_freq_factor"],
-        device=device,
-    )
-    return table, 1.0
 
 
 def _check_llama3(values: dict[str, Any]) -> None:
@@ -644,7 +609,7 @@ register(
         name="none",
         summary="plain RoPE",
         reference="Su et al., RoFormer (2021)",
-        table=_plain_table,
+        table=_static(F.default_inv_freq),
         aliases=("default",),
         transformers=TransformersSpelling("default", exact=_ALL_RELEASES, write=_write_plain),
     )
@@ -654,7 +619,7 @@ register(
         name="linear",
         summary="every frequency divided by factor (position interpolation)",
         reference="Chen et al. 2023; kaiokendev",
-        table=_linear_table,
+        table=_static(F.linear_inv_freq, "factor"),
         required=("factor",),
         transformers=TransformersSpelling("linear", exact=_ALL_RELEASES, write=_write_factor("linear")),
     )
@@ -664,7 +629,7 @@ register(
         name="ntk",
         summary="NTK-aware base change base * factor^(dim/(dim-2))",
         reference="bloc97 (2023)",
-        table=_ntk_table,
+        table=_static(F.ntk_inv_freq, "factor"),
         required=("factor",),
         call_aliases={"alpha": "factor"},
     )
@@ -674,7 +639,9 @@ register(
         name="ntk-by-parts",
         summary="the authors' original two-ramp NTK-by-parts (LlamaPartNTKScaledRotaryEmbedding)",
         reference="jquesnelle/yarn, scaled_rope/ (commit 995db5b)",
-        table=_ntk_by_parts_table,
+        table=_static(
+            F.ntk_by_parts_inv_freq, "factor", "original_max_position_embeddings", "extrapolation_factor"
+        ),
         settings=("extrapolation_factor",),
         required=("factor", "original_max_position_embeddings"),
     )
@@ -744,7 +711,13 @@ register(
         name="llama3",
         summary="Llama 3.1: wavelength bounds L/high_freq_factor and L/low_freq_factor, ramp in between",
         reference="Meta Llama 3.1 (2024), apply_scaling",
-        table=_llama3_table,
+        table=_static(
+            F.llama3_inv_freq,
+            "factor",
+            "original_max_position_embeddings",
+            "low_freq_factor",
+            "high_freq_factor",
+        ),
         settings=("low_freq_factor", "high_freq_factor"),
         required=("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
         check=_check_llama3,

@@ -297,9 +297,10 @@ def _resolve(request: _Request, declared: _Declared, config: Any) -> RopeScaling
         )
     if declared.scaling is not None and declared.method == method:
         return _same_method(declared.scaling, request.fields)
-    fields = dict(request.fields)
-    fields.setdefault("method", method)
     spec = M.get(method)
+    # The method's typical values (Llama 3.1's frequency bounds for llama3) unless given.
+    fields = {**spec.defaults, **request.fields}
+    fields.setdefault("method", method)
     if (
         "original_max_position_embeddings" not in fields
         and "original_max_position_embeddings" in spec.accepted
