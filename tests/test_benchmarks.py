@@ -236,3 +236,14 @@ def test_gpu_script_cpu_path(tmp_path):
     assert dynamic["schedule"] == "exact" and dynamic["rerotations"] == 4
     assert report["auto_attention"]["kernel"] == "sdpa"
     assert not math.isnan(report["headline"])
+
+
+def test_longrope_switch_smallest(tmp_path):
+    report, printed = run_script(
+        "longrope_switch.py", tmp_path, "--original", "64", "--layers", "1", "--rounds", "2"
+    )
+    # Each crossing of the switch re-rotated the cache exactly once (short -> long factors).
+    assert report["rerotations_per_switch"] == 1.0
+    assert (report["original"], report["layers"], report["rounds"]) == (64, 1, 2)
+    assert all(report[key] > 0 for key in ("recompute_s", "rerotate_s", "decode_s"))
+    assert "recompute the prefix" in printed and "re-rotate the cache" in printed

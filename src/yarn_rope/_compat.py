@@ -37,7 +37,6 @@ __all__ = [
     "config_rope_dict",
     "copy_device_hook",
     "delete_config_attribute",
-    "gguf_rope_config",
     "is_transformers_config",
     "rotary_buffer_names",
     "set_config_attribute",
@@ -203,23 +202,6 @@ def cache_length(cache: Any) -> int:
     if cache is None or not hasattr(cache, "get_seq_length"):
         return 0
     return int(cache.get_seq_length())
-
-
-# ------------------------------------------------------------------------------------------------
-# GGUF metadata (the GGUF format's key names, as llama.cpp writes them)
-# ------------------------------------------------------------------------------------------------
-
-
-def gguf_rope_config(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``config.json``-like dict of the rope settings in GGUF metadata (``{arch}.rope.*``).
-
-    transformers drops YaRN metadata when it opens a GGUF file (5.23 rebuilds rope scaling from
-    GGUF only for gpt-oss), so yarn_rope reads it from the file itself. The key names and their
-    meaning are llama.cpp's (see :mod:`yarn_rope.methods`, the llama.cpp spelling).
-    """
-    from .methods import from_gguf_metadata
-
-    return from_gguf_metadata(metadata)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -60,8 +60,8 @@ def rerotate_keys(
         keys: ``[b, n_kv, s, h_d]`` cached keys; the first ``2 * len(inv_freq)`` channels are
             rotated (partial rotary leaves the rest alone).
         positions: ``[b, s]`` the position each cached key was rotated at.
-        old_inv_freq, old_scale: the table and attention factor the keys carry.
-        new_inv_freq, new_scale: the table and attention factor to bring them to.
+        old_inv_freq, old_scale: the table and attention scaling the keys carry.
+        new_inv_freq, new_scale: the table and attention scaling to bring them to.
 
     The extra angle ``p * (new - old)`` is formed in float64 and reduced modulo 2 pi; the
     rotation runs in float32 and the result is rounded once to the keys' dtype.

@@ -385,7 +385,7 @@ def read_rope(config: Any, *, layer_type: str | None = None) -> RopeDeclaration:
     """
     if isinstance(config, Mapping):
         if "general.architecture" in config:
-            return read_rope(_compat.gguf_rope_config(config), layer_type=layer_type)
+            return read_rope(M.from_gguf_metadata(config), layer_type=layer_type)
         if _is_bare_scaling(config):
             return _declaration("dict", config, {}, layer_type)
         return _declaration_of_dict(config, layer_type)

@@ -17,17 +17,21 @@ Vocabulary of the ramp (section 3.2 of the paper, "NTK-by-parts"), used in every
   are **extrapolated**: left unchanged. Pairs with ``r(i) <= beta_slow`` (the last, low-frequency
   pairs) are **interpolated**: their frequency is divided by the scale factor ``s``.
 * In between, the **interpolation weight** ``ramp(i)`` rises linearly from 0 (extrapolated) to 1
-  (interpolated) between the pair indices where ``r`` equals ``beta_fast`` and ``beta_slow``
-  (floored and ceiled unless ``truncate=False``), and
-  ``inv_freq(i) = (1 - ramp(i)) * theta_i + ramp(i) * theta_i / s``.
-* YaRN then multiplies cos and sin by the **attention factor** ``0.1 ln(s) + 1`` (the paper's
-  ``sqrt(1/t)``, "temperature"); ``yarn_mscale`` computes it.
+  (interpolated) in the *pair index* ``i``, between the pair indices where ``r`` equals
+  ``beta_fast`` and ``beta_slow`` (floored and ceiled unless ``truncate=False``), and
+  ``inv_freq(i) = (1 - ramp(i)) * theta_i + ramp(i) * theta_i / s``. This is the authors' code
+  (``find_correction_range``, ``linear_ramp_mask``), which every implementation and checkpoint
+  follows; the paper's eq. 18 writes the ramp as linear in ``r`` without rounding (see
+  :func:`yarn_inv_freq`).
+* YaRN then multiplies cos and sin by the **attention scaling** ``0.1 ln(s) + 1`` (the paper's
+  ``sqrt(1/t)``, "temperature", eq. 22); ``yarn_mscale`` computes it. "Attention scaling" is the
+  one name yarn_rope gives the number that multiplies cos and sin, for every method.
 
-Four different knobs touch that factor and are kept apart here:
+Four different knobs touch it and are kept apart here, each with the name of the config it comes from:
 
-* ``attention_factor`` (transformers): *replaces* the computed factor.
-* ``attn_factor`` (the authors' code, vLLM): *multiplies* the computed factor.
-* ``mscale`` / ``mscale_all_dim`` (DeepSeek): the factor becomes the *ratio*
+* ``attention_factor`` (transformers): *replaces* the computed value.
+* ``attn_factor`` (the authors' code, vLLM, llama.cpp): *multiplies* the computed value.
+* ``mscale`` / ``mscale_all_dim`` (DeepSeek): the value becomes the *ratio*
   ``yarn_mscale(s, mscale) / yarn_mscale(s, mscale_all_dim)`` when both are non-zero.
 * ``mscale_coefficient``: the slope of the logarithm, 0.1 in the paper and the authors' Llama
   code, 0.07 in their Mistral code (which trained the Yarn-Mistral checkpoints).
@@ -369,7 +373,7 @@ def yarn_inv_freq(
 def yarn_mscale(
     factor: float, mscale: float = 1.0, *, coefficient: float = DEFAULT_MSCALE_COEFFICIENT
 ) -> float:
-    """YaRN's attention factor: ``coefficient * mscale * ln(factor) + 1``; 1.0 when ``factor <= 1``.
+    """YaRN's attention scaling: ``coefficient * mscale * ln(factor) + 1``; 1.0 when ``factor <= 1``.
 
     With the defaults this is the paper's ``sqrt(1/t) = 0.1 ln(s) + 1`` (eq. 22). ``coefficient``
     is 0.07 in the authors' Mistral code; ``mscale`` is DeepSeek's multiplier of the slope.
@@ -411,7 +415,7 @@ def yarn_attention_scaling(
         attention_factor = _positive("attention_factor", attention_factor)
         if attn_factor != 1.0:
             raise ValueError(
-                f"attention_factor={attention_factor!r} replaces the YaRN attention factor while "
+                f"attention_factor={attention_factor!r} replaces the YaRN attention scaling while "
                 f"attn_factor={attn_factor!r} multiplies it; give one of them, not both"
             )
         return attention_factor
@@ -427,7 +431,7 @@ def yarn_attention_scaling(
         computed = yarn_mscale(factor, coefficient=mscale_coefficient)
     if not (computed > 0 and math.isfinite(computed)):
         raise ValueError(
-            f"the YaRN attention factor for factor={factor!r}, mscale={mscale!r}, "
+            f"the YaRN attention scaling for factor={factor!r}, mscale={mscale!r}, "
             f"mscale_all_dim={mscale_all_dim!r}, mscale_coefficient={mscale_coefficient!r} is "
             f"{computed!r}; it must be a positive number"
         )
@@ -452,7 +456,7 @@ def ntk_by_parts_inv_freq(
     context blends NTK-aware frequencies (faster pairs) into linearly interpolated ones (slower
     pairs); then a ramp at ``extrapolation_bounds = (16, 2)`` blends the unchanged frequencies
     back in for the fastest pairs. The YaRN paper's later "NTK-by-parts" is :func:`yarn_inv_freq`
-    without the attention factor.
+    without the attention scaling.
 
     Returns:
         shape ``[dim // 2]``, float32.
@@ -584,7 +588,7 @@ def llama3_inv_freq(
     pairs longer than ``L / low_freq_factor`` are interpolated (divided by ``factor``), and in
     between the interpolation weight falls linearly in the number of rotations over ``L``
     (``r = L / wavelength``), without rounding: the same idea as YaRN's ramp, parametrised by
-    wavelength bounds instead of rotation counts, and without an attention factor. Llama 3.1,
+    wavelength bounds instead of rotation counts, and without an attention scaling. Llama 3.1,
     3.2 and 3.3 use ``factor`` 8 (32 for 3.2 1B/3B), ``low_freq_factor`` 1, ``high_freq_factor``
     4 and ``L = 8192``. Operation order as in transformers' ``"llama3"`` rope type, so the table
     is bit-equal to it.
@@ -678,7 +682,12 @@ def longrope_attention_scaling(
 
 
 def __getattr__(name: str) -> object:
-    """Deprecated names, kept for one release: the registry (:mod:`yarn_rope.methods`) holds them now."""
+    """Deprecated names, kept for one release: the registry (:mod:`yarn_rope.methods`) holds them now.
+
+    The lazy import of :mod:`yarn_rope.methods` below is the one exception to the layering (this
+    module imports only torch and math); it runs only when a deprecated name is used, and goes
+    with them in the next release.
+    """
     import warnings
 
     moved = {"inv_freq", "METHODS", "DYNAMIC_METHODS", "check_method"}

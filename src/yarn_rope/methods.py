@@ -465,7 +465,7 @@ def _dynamic_yarn_table(
     threshold = _dynamic_yarn_threshold(s)
     assert threshold is not None
     factor = _dynamic_yarn_factor(s, threshold if seq_len is None else seq_len)
-    # Below its threshold the authors' dynamic module is plain RoPE, attention factor included.
+    # Below its threshold the authors' dynamic module is plain RoPE, attention scaling included.
     attention = 1.0 if factor == 1.0 else yarn_attention_scaling(s, factor)
     return _yarn_at(dim, base, s, factor, device), attention
 

@@ -2,7 +2,7 @@
 
 Same call contract as the rotary modules of transformers (``LlamaRotaryEmbedding`` and kin):
 ``cos`` and ``sin`` have shape ``[b, s, dim]`` in the half-rotation layout ``cat(freqs, freqs)``,
-already multiplied by the attention factor, in ``x.dtype``. Notation: ``b`` batch, ``s``
+already multiplied by the attention scaling, in ``x.dtype``. Notation: ``b`` batch, ``s``
 sequence, ``dim`` rotary dimension.
 
 Angles. transformers and the YaRN reference form ``position * inv_freq`` in float32; at long
@@ -154,7 +154,7 @@ class RotaryEmbedding(nn.Module):
         return True
 
     def table_for(self, seq_len: int) -> tuple[object, torch.Tensor, float]:
-        """(key, inv_freq, attention factor) of the table for ``seq_len`` tokens; no state change."""
+        """(key, inv_freq, attention scaling) of the table for ``seq_len`` tokens; no state change."""
         length = self._effective_length(seq_len)
         inv_freq, scale = self.scaling.inv_freq(
             self.dim, base=self.base, seq_len=length, device=self.inv_freq.device

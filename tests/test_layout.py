@@ -1,0 +1,85 @@
+"""The one-way layering of the package: each module imports only modules listed above it.
+
+The order is the README's layout (and DESIGN.md's): a lower module may use a higher one, never
+the reverse, so that, e.g., the pure math never depends on transformers-facing code. Imports
+inside functions count too; the only exception is named below.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "yarn_rope"
+
+# Top to bottom; a package (folder) counts as one layer.
+LAYERS = [
+    "_compat",
+    "_progress",
+    "frequencies",
+    "methods",
+    "config",
+    "rotary",
+    "cache",
+    "patch",
+    "gguf",
+    "loading",
+    "eval",
+    "cli",
+]
+# (importing module, imported layer): deprecated aliases that resolve lazily, removed next release.
+EXCEPTIONS = {("frequencies", "methods")}
+
+
+def _layer_of(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0].removesuffix(".py")
+
+
+def _imported_layers(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package_parts = path.relative_to(PACKAGE).parts[:-1]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if node.module and node.module.startswith("yarn_rope."):
+                    found.add(node.module.split(".")[1])
+                continue
+            base = list(package_parts)[: len(package_parts) - (node.level - 1)]
+            target = [*base, *(node.module.split(".") if node.module else [])]
+            if target:
+                found.add(target[0])
+            else:  # `from . import x` at the package root
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("yarn_rope."):
+                    found.add(alias.name.split(".")[1])
+    return found
+
+
+def test_every_module_is_in_a_layer():
+    layers = {_layer_of(path) for path in PACKAGE.rglob("*.py")} - {"__init__"}
+    assert layers <= set(LAYERS), f"add {sorted(layers - set(LAYERS))} to LAYERS (and the README layout)"
+
+
+def test_imports_point_upwards_only():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        layer = _layer_of(path)
+        if layer == "__init__":
+            continue
+        for imported in _imported_layers(path):
+            if imported == layer or imported not in LAYERS or (layer, imported) in EXCEPTIONS:
+                continue
+            if LAYERS.index(imported) > LAYERS.index(layer):
+                wrong.append(f"{path.relative_to(PACKAGE)} imports {imported}")
+    assert not wrong, wrong
+
+
+def test_the_readme_layout_lists_the_layers_in_this_order():
+    readme = (PACKAGE.parents[1] / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout") :]
+    positions = [layout.index(f"  {name}") for name in LAYERS]
+    assert positions == sorted(positions)
