@@ -147,9 +147,9 @@ def _nousify(
     shutil.copytree(native, folder)
     _, model_cls, original, config_module = ARCHS[arch]
     raw = json.loads((folder / "config.json").read_text())
-    rope = raw.pop("rope_parameters")
+    rope = raw.pop("rope_parameters", None) or {}  # transformers 5 saves it; 4.x saves rope_theta
     raw.pop("dtype", None)
-    raw["rope_theta"] = rope["rope_theta"]
+    raw["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta", BASE))
     raw["torch_dtype"] = "bfloat16"  # as the published configs state (the tiny weights are fp32)
     raw["max_position_embeddings"] = int(factor * original)
     raw["rope_scaling"] = {

@@ -153,6 +153,22 @@ def original_table(module: nn.Module, layer_type: str | None) -> torch.Tensor:
     return table
 
 
+def rope_dependent_softmax_scales(model: nn.Module) -> list[Any]:
+    """Attention modules whose softmax scale transformers derives from the rope config when it builds them.
+
+    MLA attention (DeepSeek-V2/V3/V3.2, MiniCPM3, GLM-4-MoE-Lite, LongCat-Flash, Mistral-4, ...)
+    sets ``self.scaling = qk_head_dim^-0.5 * yarn_get_mscale(factor, mscale_all_dim)^2`` once, in
+    ``__init__`` (``yarn_apply_mscale`` in 5.23; inline in 4.45 - 4.57); the module keeps
+    ``qk_head_dim`` and a float ``scaling``. Checked 4.57.6, 5.23.0.
+    """
+    return [
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "scaling", None), float)
+        and isinstance(getattr(module, "qk_head_dim", None), int)
+    ]
+
+
 def copy_device_hook(original: nn.Module, new: nn.Module) -> None:
     """Give ``new`` the accelerate dispatch hook ``original`` had (``device_map`` models).
 

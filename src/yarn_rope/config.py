@@ -559,6 +559,22 @@ def _parse(declaration: RopeDeclaration) -> RopeScaling:
             )
         raise ValueError(f"unknown rope_type {declared!r}; yarn_rope reads {known}")
 
+    if spec.name == "none":
+        factor = rope.get("factor")
+        if factor is not None and factor != 1:
+            _warn(
+                "rope type %r ignores factor=%s: the model computes plain RoPE (as vanilla transformers "
+                "does). If it was trained with scaling, state the rope_type (e.g. 'yarn')",
+                declared,
+                factor,
+            )
+        return RopeScaling(method="none")
+    kwargs = _declared_settings(rope, spec, declared)
+    return RopeScaling(method=spec.name, **_with_context(spec, kwargs, declaration, declared))
+
+
+def _declared_settings(rope: Mapping[str, Any], spec: M.MethodSpec, declared: str) -> dict[str, Any]:
+    """The settings a rope dict states for ``spec``, read as transformers reads them."""
     kwargs: dict[str, Any] = {}
     unknown = []
     for key, value in rope.items():
@@ -577,18 +593,7 @@ def _parse(declaration: RopeDeclaration) -> RopeScaling:
     for name in ("attention_factor", "mscale", "mscale_all_dim", "factor"):
         if name in kwargs and kwargs[name] is None:
             del kwargs[name]
-
-    if spec.name == "none":
-        factor = kwargs.get("factor")
-        if factor is not None and factor != 1:
-            _warn(
-                "rope type %r ignores factor=%s: the model computes plain RoPE (as vanilla transformers "
-                "does). If it was trained with scaling, state the rope_type (e.g. 'yarn')",
-                declared,
-                factor,
-            )
-        return RopeScaling(method="none")
-    return RopeScaling(method=spec.name, **_with_context(spec, kwargs, declaration, declared))
+    return kwargs
 
 
 def _with_context(

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from . import _compat
+from . import frequencies as F
 from . import methods as M
 from .cache import KeyCacheSync
 from .config import RopeDeclaration, RopeScaling, original_length_fallback, read_rope
@@ -96,7 +97,7 @@ class _Plan:
 
     info: PatchInfo
     swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]]  # parent, attribute, original, new
-    config_values: list[tuple[Any, str, Any]]  # config, attribute, new value
+    values: list[tuple[Any, str, Any]]  # (config or module, attribute, new value): data only
     cache_hook: tuple[nn.Module, KeyCacheSync] | None = None  # dynamic methods: (decoder, hook)
 
 
@@ -107,7 +108,7 @@ class _Record:
     plan: _Plan
     request: tuple[Any, ...]  # what the caller asked for, to make a repeated call a no-op
     originals: list[tuple[nn.Module, str, nn.Module]]  # (parent, attribute, original module)
-    config_values: list[tuple[Any, str, bool, Any]]  # (config, attribute, existed, original value)
+    values: list[tuple[Any, str, bool, Any]]  # (object, attribute, existed, original value)
     hook_handle: Any = None  # the registered KeyCacheSync, removed by unpatch
 
 
@@ -498,6 +499,7 @@ def _plan(model: nn.Module, request: _Request, options: _Options) -> _Plan:
             _warn_if_config_refuses(site.config, changes)
             config_values.extend(changes)
     assert resolved is not None
+    config_values.extend(_softmax_scale_changes(model, resolved))
     cache_hook = _cache_hook(sites, swaps, text_config, scaled_types) if resolved.is_dynamic else None
     info = PatchInfo(
         scaling=resolved,
@@ -505,7 +507,38 @@ def _plan(model: nn.Module, request: _Request, options: _Options) -> _Plan:
         modules=tuple(s.path for s in sites),
         layer_types=scaled_types,
     )
-    return _Plan(info=info, swaps=swaps, config_values=config_values, cache_hook=cache_hook)
+    return _Plan(info=info, swaps=swaps, values=config_values, cache_hook=cache_hook)
+
+
+def _softmax_scale_changes(model: nn.Module, scaling: RopeScaling) -> list[tuple[Any, str, Any]]:
+    """MLA attention (DeepSeek-V2/V3 and kin) puts YaRN's ``mscale_all_dim`` into its softmax
+    scale, computed once from the config when the layer is built: bring it to the new settings.
+
+    The new value is what transformers computes for a config with these settings:
+    ``qk_head_dim^-0.5 * yarn_mscale(factor, mscale_all_dim)^2`` when the rope type is not
+    ``default`` and ``mscale_all_dim`` is set, else ``qk_head_dim^-0.5``.
+
+    Raises:
+        UnsupportedModelError: a dynamic method with ``mscale_all_dim`` (the softmax scale would
+            have to follow the sequence length, which transformers' attention cannot).
+    """
+    modules = _compat.rope_dependent_softmax_scales(model)
+    if not modules:
+        return []
+    if scaling.is_dynamic and scaling.mscale_all_dim:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} puts mscale_all_dim into its attention softmax scale, fixed when the "
+            f"layer is built; method {scaling.method!r} changes its factor with the length. Use a static "
+            "method (e.g. method='yarn')"
+        )
+    changes: list[tuple[Any, str, Any]] = []
+    for module in modules:
+        value = float(module.qk_head_dim) ** -0.5
+        if scaling.method != "none" and scaling.mscale_all_dim and scaling.factor is not None:
+            value *= F.yarn_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
+        if value != module.scaling:
+            changes.append((module, "scaling", value))
+    return changes
 
 
 def _site_layer_types(site: _Site, layer_types: str | Sequence[str] | None) -> list[str | None]:
@@ -667,7 +700,7 @@ def _apply_plan(model: nn.Module, plan: _Plan, request: tuple[Any, ...]) -> None
         for parent, attribute, original, new in plan.swaps:
             setattr(parent, attribute, new)
             done_swaps.append((parent, attribute, original))
-        for config, attribute, value in plan.config_values:
+        for config, attribute, value in plan.values:
             existed = attribute in vars(config)
             done_config.append((config, attribute, existed, vars(config).get(attribute)))
             _compat.set_config_attribute(config, attribute, value)
@@ -678,7 +711,7 @@ def _apply_plan(model: nn.Module, plan: _Plan, request: tuple[Any, ...]) -> None
     except BaseException:
         _restore(done_swaps, done_config)
         raise
-    record = _Record(plan=plan, request=request, originals=done_swaps, config_values=done_config)
+    record = _Record(plan=plan, request=request, originals=done_swaps, values=done_config)
     record.hook_handle = handle
     setattr(model, _STATE_ATTR, record)
 
@@ -706,7 +739,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         return model
     if record.hook_handle is not None:
         record.hook_handle.remove()
-    _restore(record.originals, record.config_values)
+    _restore(record.originals, record.values)
     delattr(model, _STATE_ATTR)
     return model
 
