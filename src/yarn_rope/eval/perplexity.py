@@ -203,6 +203,36 @@ def _documents(inputs: Any, tokenizer: Any | None) -> list[torch.Tensor]:
     return documents
 
 
+def vocabulary_size(model: Any) -> int | None:
+    """Rows of the model's input embedding (the ids it accepts), else ``config.vocab_size``."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int):
+        return rows
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def check_token_ids(model: Any, documents: Sequence[torch.Tensor]) -> None:
+    """Every id must index the model's vocabulary (else a clear error, not torch's IndexError).
+
+    Raises:
+        ValueError: naming the document, the position, the id and the vocabulary size.
+    """
+    size = vocabulary_size(model)
+    if size is None:
+        return
+    for index, document in enumerate(documents):
+        bad = (document < 0) | (document >= size)
+        if bool(bad.any()):
+            position = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"document {index}: token id {int(document[position])} at position {position} is outside "
+                f"the model's vocabulary of {size} ids (0 to {size - 1}); tokenize with the model's own "
+                "tokenizer"
+            )
+
+
 def _is_dynamic(model: Any) -> bool:
     """Whether the model's table depends on the sequence length (then a pass per length)."""
     from .. import _compat
@@ -295,6 +325,7 @@ def perplexity(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive whole number, got {chunk_size!r}")
     documents = _documents(input_ids_or_docs, tokenizer)
+    check_token_ids(model, documents)
     from ..patch import patch_info
 
     info = patch_info(model)
