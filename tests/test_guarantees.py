@@ -453,3 +453,17 @@ class TestDeepSeekMLA:
                   mscale_all_dim=0.707, mscale=0.707, replace=True)  # fmt: skip
         assert patch_info(model) is None
         assert torch.equal(logits(model), before)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8 (library side). A checkpoint folder without weights
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_folder_with_a_config_but_no_weights(tmp_path):
+    folder = save_checkpoint(tmp_path, {})
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        yarn_rope.plan_load(folder)
+    assert str(folder) in str(info.value) and "no weights" in str(info.value)

@@ -14,7 +14,14 @@ from typing import Any
 
 from .. import _compat
 
-__all__ = ["check_shards", "config_file", "read_json", "remote_modeling_entry", "safetensors_numel"]
+__all__ = [
+    "check_shards",
+    "check_weights",
+    "config_file",
+    "read_json",
+    "remote_modeling_entry",
+    "safetensors_numel",
+]
 
 _LFS_POINTER = b"version https://git-lfs"
 
@@ -95,6 +102,23 @@ def check_shards(folder: Path) -> None:
         missing = sorted({name for name in weight_map.values() if not (folder / str(name)).is_file()})
         if missing:
             raise FileNotFoundError(f"{index_path} names shards that are missing: {', '.join(missing)}")
+
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.gguf")
+
+
+def check_weights(folder: Path) -> None:
+    """A local checkpoint folder must hold weights, not only a config.
+
+    Raises:
+        FileNotFoundError: naming the folder and what a checkpoint holds.
+    """
+    if any(next(folder.glob(pattern), None) is not None for pattern in _WEIGHT_PATTERNS):
+        return
+    raise FileNotFoundError(
+        f"{folder} holds config.json but no weights (model.safetensors, pytorch_model.bin or their shards); "
+        "is the download complete? (a GGUF file needs gguf_file= / --gguf-file)"
+    )
 
 
 def _weight_files(folder: Path) -> list[Path]:
