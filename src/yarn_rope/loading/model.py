@@ -63,8 +63,10 @@ def _neutral_rope(raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` with plain RoPE, so the native class builds whatever the checkpoint declared.
 
     Both dialects are neutralised (a config may hold ``rope_scaling`` and ``rope_parameters`` at
-    once); the base and partial-rotary fraction the reader found are kept where transformers
-    reads them.
+    once); the base and partial-rotary fraction the reader found are kept where the installed
+    transformers reads them: 5.x in ``rope_parameters`` or at the top level (which it converts),
+    4.x only at the top level (it never reads ``rope_parameters``, so a checkpoint saved by
+    transformers 5 would otherwise get 4.x's default base; checked 4.45.2, 4.57.6, 5.23.0).
     """
     cleaned = {key: value for key, value in raw.items() if key != "auto_map"}
     declaration = read_rope(raw)
@@ -76,9 +78,12 @@ def _neutral_rope(raw: dict[str, Any]) -> dict[str, Any]:
     for key in ("partial_rotary_factor",):
         if key in declaration.rope:
             kept[key] = declaration.rope[key]
-    if "rope_parameters" in raw:
+    before_v5 = _compat.transformers_major() < 5
+    if before_v5:
+        cleaned.pop("rope_parameters", None)
+    elif "rope_parameters" in raw:
         cleaned["rope_parameters"] = {"rope_type": "default"} | kept
-    if "rope_scaling" in raw:
+    if "rope_scaling" in raw or before_v5:
         cleaned["rope_scaling"] = None
         cleaned.update(kept)
     return cleaned
