@@ -335,6 +335,11 @@ class TestRuler:
             assert record.stderr == pytest.approx(statistics.stdev(scores) / math.sqrt(2))
             assert record.suite == "ruler" and record.metric == "accuracy" and record.samples == 2
             assert record.method == "none" and record.label == "plain RoPE" and record.model == "tiny"
+            cell = [t for t in result.trials if (t.task, t.length) == (record.task, record.length)]
+            assert record.details["trials"] == [
+                {"depth": t.depth, "answers": list(t.answers), "output": t.output, "score": t.score}
+                for t in cell
+            ]
         per_depth = [r for r in records if r.depth is not None]
         assert {(r.task, r.length, r.depth) for r in per_depth} == {
             (t, 700, d) for t in self.TASKS[:2] for d in (0.25, 0.75)

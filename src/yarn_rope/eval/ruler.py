@@ -548,7 +548,8 @@ class RulerResult:
     ) -> list[EvalRecord]:
         """:class:`~yarn_rope.eval.results.EvalRecord` per task and length (``depth`` ``None``),
         then per task, length and depth for the needle tasks; suite ``"ruler"``, metric
-        ``"accuracy"``, ``stderr`` the standard error of the mean over the trials."""
+        ``"accuracy"``, ``stderr`` the standard error of the mean over the trials. The per-task
+        records keep every trial's depth, expected answers, output and score in ``details``."""
         settings = self.scaling
         common: dict[str, Any] = {
             "suite": "ruler",
@@ -561,7 +562,12 @@ class RulerResult:
         out = []
         for task, by_length in self.accuracy.items():
             for length, value in by_length.items():
-                scores = [t.score for t in self.trials if t.task == task and t.length == length]
+                cell = [t for t in self.trials if t.task == task and t.length == length]
+                scores = [t.score for t in cell]
+                trials = [
+                    {"depth": t.depth, "answers": list(t.answers), "output": t.output, "score": t.score}
+                    for t in cell
+                ]
                 out.append(
                     EvalRecord(
                         task=task,
@@ -569,7 +575,7 @@ class RulerResult:
                         length=length,
                         stderr=mean_stderr(scores),
                         samples=len(scores),
-                        details={"seed": self.seed},
+                        details={"seed": self.seed, "trials": trials},
                         **common,
                     )
                 )
