@@ -270,6 +270,20 @@ class TestReport:
         assert "factor=2.0, original_max_position_embeddings=8192" in text
         assert f"transformers {transformers.__version__}" in text
 
+    def test_mean_rows_only_over_complete_task_sets(self):
+        records = [
+            record(task="niah_single", length=4096, value=1.0),
+            record(task="common_words", length=4096, value=0.5),
+            record(
+                task="niah_single", length=4096, value=0.25, method="yarn", label="yarn x2", settings=YARN
+            ),
+            record(task="niah_single", length=16384, value=0.0),
+        ]
+        rows = parse_table(render_markdown(records), "RULER-style tasks: accuracy (%)")
+        means = [row for row in rows if row["task"].startswith("mean")]
+        # 4096: two tasks for plain RoPE (mean 75), one for yarn (no mean); 16384: one task, no row.
+        assert means == [{"task": "mean of 2 tasks", "tokens": "4,096", "plain RoPE": "75.0", "yarn x2": ""}]
+
     def test_several_models_and_duplicates(self):
         records = [
             record(model="a", length=4096, value=0.5),

@@ -149,17 +149,18 @@ def _table(
 
     for task, metric, length in keys:
         emit(task, metric, length, rows[(task, metric, length)])
-    if suite == "ruler" and several_tasks:
+    if suite == "ruler":
         for length in sorted({k[2] for k in keys if k[2] is not None}):
+            at_length = {k: row for k, row in rows.items() if k[2] == length}
+            if len({k[0] for k in at_length}) < 2:
+                continue
             means: dict[Column, EvalRecord] = {}
-            for column in used:
-                values = [row[column].value for k, row in rows.items() if k[2] == length and column in row]
-                if values:
-                    base = next(row[column] for k, row in rows.items() if k[2] == length and column in row)
-                    means[column] = dataclasses.replace(
-                        base, task="mean", value=sum(values) / len(values), stderr=None
-                    )
-            emit(f"mean of {len(order)} tasks", "accuracy", length, means)
+            for column in used:  # a mean over every task at this length, or none
+                if all(column in row for row in at_length.values()):
+                    cells = [row[column] for row in at_length.values()]
+                    value = sum(cell.value for cell in cells) / len(cells)
+                    means[column] = dataclasses.replace(cells[0], task="mean", value=value, stderr=None)
+            emit(f"mean of {len(at_length)} tasks", "accuracy", length, means)
     return "\n".join(lines), duplicates
 
 
