@@ -749,14 +749,16 @@ class TestComparePerplexity:
                 assert got.at(length).nll == pytest.approx(expected[method].at(length).nll, rel=1e-6)
             assert got.at(64).nll != pytest.approx(plain.at(64).nll, rel=1e-4)  # the patch was in force
         assert by_method["yarn"].scaling["original_max_position_embeddings"] == 32
-        records = results[2].records()
+        records = [record.to_dict() for record in results[2].records(model="tiny")]
         assert [(r["method"], r["label"], r["length"]) for r in records] == [
             ("yarn", "yarn x2", 16),
             ("yarn", "yarn x2", 64),
         ]
-        assert records[1]["perplexity"] == by_method["yarn"].at(64).perplexity
-        assert records[1]["nll"] == by_method["yarn"].at(64).nll
-        assert records[1]["tokens"] == 2 * 63
+        assert records[1]["metric"] == "perplexity" and records[1]["model"] == "tiny"
+        assert records[1]["value"] == by_method["yarn"].at(64).perplexity
+        assert records[1]["details"]["nll"] == by_method["yarn"].at(64).nll
+        assert records[1]["samples"] == 2 * 63
+        assert records[1]["settings"] == by_method["yarn"].scaling
         json.dumps(records)
 
     def test_sliding_and_dynamic_label(self, model, ids):
@@ -856,10 +858,11 @@ class TestEvalCommandLine:
             yarn = perplexity(model, [TEXT], lengths=[32, 64], tokenizer=tokenizer, progress=False)
         for record in records:
             expected = (plain if record["method"] == "none" else yarn).at(record["length"])
-            assert record["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
-            assert record["tokens"] == expected.tokens == record["length"] - 1
+            assert record["metric"] == "perplexity" and record["suite"] == "perplexity"
+            assert record["value"] == pytest.approx(expected.perplexity, rel=1e-5)
+            assert record["samples"] == expected.tokens == record["length"] - 1
         for record, length in zip(records[:2], (32, 64), strict=True):
-            cell = f"{record['perplexity']:.2f}"
+            cell = f"{record['value']:.2f}"
             assert cell in rows[str(length)]
 
     def test_passkey(self, tiny_checkpoint, tmp_path, capsys):
@@ -877,7 +880,7 @@ class TestEvalCommandLine:
             ("yarn", 400),
             ("yarn", 500),
         ]
-        assert all(r["accuracy"] in (0.0, 0.5, 1.0) for r in records)
+        assert all(r["metric"] == "accuracy" and r["value"] in (0.0, 0.5, 1.0) for r in records)
 
     def test_passkey_length_too_short(self, tiny_checkpoint, capsys):
         argv = ["eval", "passkey", *self.base(tiny_checkpoint), "--lengths", "200", "--trials", "2"]
@@ -934,6 +937,6 @@ class TestSmolLM2:
             ("yarn", 256),
             ("yarn", 512),
         ]
-        assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in records)
+        assert all(math.isfinite(r["value"]) and r["value"] > 1 for r in records)
         assert png.read_bytes()[:8] == PNG_SIGNATURE
         assert patch_info(model) is None

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, evaluate, frequencies, inspection
+from . import demo, evaluate, frequencies, harness, inspection, report, ruler
 
 __all__ = ["build_parser", "main"]
 
@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     frequencies.register(commands)
     inspection.register(commands)
     demo.register(commands)
-    evaluate.register(commands)
+    evaluations = evaluate.register(commands)
+    ruler.register(evaluations)
+    harness.register(evaluations)
+    report.register(commands)
     return parser
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +46,28 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
     return model, tokenizer, original
 
 
+def model_name(args: argparse.Namespace) -> str:
+    """The model's name in result records: ``--model`` (and ``--gguf-file``), else the default's."""
+    from ..eval.data import DEFAULT_MODEL_NAME
+
+    model = getattr(args, "model", None)
+    if not model:
+        return DEFAULT_MODEL_NAME
+    gguf = getattr(args, "gguf_file", None)
+    return f"{model}/{gguf}" if gguf else str(model)
+
+
+def write_json(path: str, records: Sequence[Any]) -> None:
+    """Write result records (:class:`~yarn_rope.eval.results.EvalRecord`) to ``--json``, atomically."""
+    from ..eval.results import write_records
+
+    try:
+        write_records(records, path)
+    except OSError as error:
+        raise FileNotFoundError(f"cannot write --json {path}: {error.strerror}") from None
+    print(f"wrote {path}")
+
+
 def documents(args: argparse.Namespace, count: int = 1) -> list[tuple[str, str]]:
     from ..eval.data import default_corpus
 
@@ -78,12 +99,55 @@ def write_outputs(args: argparse.Namespace, results: Sequence[Any], trained: int
     from ..eval.compare import plot_perplexity
 
     if args.json:
-        records = [record for entry in results for record in entry.records()]
-        tmp = args.json + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(records, handle, indent=1)
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+        records = [record for entry in results for record in entry.records(model=model_name(args))]
+        write_json(args.json, records)
     if args.plot:
         plot_perplexity(results, args.plot, trained_length=trained, title=title)
         print(f"wrote {args.plot}")
+
+
+def add_model_arguments(command: argparse.ArgumentParser, *, default_methods: str) -> None:
+    """``--model``, ``--gguf-file``, ``--method``, ``--factor``, ``--original-max-position-embeddings``
+    as ``eval passkey`` has them (the default model is SmolLM2)."""
+    from .. import METHODS
+
+    command.add_argument(
+        "--model", default=None, help="checkpoint folder or Hub name (default: SmolLM2-135M)"
+    )
+    command.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
+    command.add_argument(
+        "--method",
+        action="append",
+        choices=METHODS,
+        help=f"repeat to compare several (default: {default_methods})",
+    )
+    command.add_argument("--factor", type=float, default=2.0, help="scale factor (default 2)")
+    command.add_argument(
+        "--original-max-position-embeddings",
+        type=int,
+        default=None,
+        metavar="L",
+        help="trained context (default: what the model declares)",
+    )
+
+
+def check_output(path: str | None, flag: str) -> None:
+    """A one-line error before any model is loaded when ``flag``'s file cannot be written."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {flag} {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"cannot write {flag} {path}: it is a folder")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value

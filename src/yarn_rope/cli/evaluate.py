@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from typing import Any
 
 from ..methods import METHODS
@@ -38,11 +37,12 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
 def _cmd_eval_passkey(args: argparse.Namespace) -> int:
     from ..eval.compare import scaling_for
     from ..eval.passkey import passkey
+    from ..eval.results import EvalRecord
     from ..patch import patched
 
     model, tokenizer, original = common.load_model(args)
     rows: dict[str, dict[int, float]] = {}
-    records: list[dict[str, Any]] = []
+    records: list[EvalRecord] = []
     for method in args.method or ["none", "yarn"]:
         scaling = scaling_for(method, factor=args.factor, original_max_position_embeddings=original)
         context = (
@@ -58,20 +58,20 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
         rows[method] = result.accuracy
-        records.extend({"method": method, "length": n, "accuracy": acc} for n, acc in result.accuracy.items())
+        records.extend(result.records(model=common.model_name(args), method=method))
     print("passkey accuracy" + "".join(f"{method:>12}" for method in rows))
     for length in args.lengths:
         print(f"{length:>16d}" + "".join(f"{rows[m][length]:>12.0%}" for m in rows))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(records, handle, indent=1)
-        print(f"wrote {args.json}")
+        common.write_json(args.json, records)
     return 0
 
 
 def register(commands: Any) -> Any:
     """Add the ``eval`` command; returns its subparsers so that other evaluations can join it."""
-    evaluate = commands.add_parser("eval", help="perplexity or passkey retrieval by context length")
+    evaluate = commands.add_parser(
+        "eval", help="perplexity, passkey, RULER-style tasks or lm-eval benchmarks, per method"
+    )
     kinds = evaluate.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
     for kind, handler, help_text in (
         ("perplexity", _cmd_eval_perplexity, "perplexity by context length, per method"),

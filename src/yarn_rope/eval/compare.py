@@ -14,6 +14,7 @@ from .. import methods as M
 from ..config import RopeScaling
 from ..patch import patched, unpatched
 from .perplexity import PerplexityResult, perplexity
+from .results import EvalRecord
 
 __all__ = ["MethodResult", "compare_perplexity", "plot_perplexity", "scaling_for"]
 
@@ -28,19 +29,9 @@ class MethodResult:
     label: str
     result: PerplexityResult
 
-    def records(self) -> list[dict[str, Any]]:
-        """Flat records, one per length: method, label, length, perplexity, nll, tokens."""
-        return [
-            {
-                "method": self.method,
-                "label": self.label,
-                "length": entry.length,
-                "perplexity": entry.perplexity,
-                "nll": entry.nll,
-                "tokens": entry.tokens,
-            }
-            for entry in self.result.lengths
-        ]
+    def records(self, *, model: str = "") -> list[EvalRecord]:
+        """One :class:`~yarn_rope.eval.results.EvalRecord` per length, under this method and label."""
+        return self.result.records(model=model, method=self.method, label=self.label)
 
 
 def scaling_for(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .perplexity import check_lengths
+from .results import EvalRecord, label_for, mean_stderr
 
 __all__ = ["PasskeyPrompt", "PasskeyResult", "PasskeyTrial", "build_prompt", "passkey"]
 
@@ -69,6 +70,32 @@ class PasskeyResult:
             "trials": [trial.to_dict() for trial in self.trials],
             "scaling": self.scaling,
         }
+
+    def records(
+        self, *, model: str = "", method: str | None = None, label: str | None = None
+    ) -> list[EvalRecord]:
+        """One :class:`~yarn_rope.eval.results.EvalRecord` per length: accuracy over the trials,
+        with the standard error of that mean (suite and task ``"passkey"``)."""
+        settings = self.scaling
+        out = []
+        for length, accuracy in self.accuracy.items():
+            hits = [float(trial.correct) for trial in self.trials if trial.length == length]
+            out.append(
+                EvalRecord(
+                    suite="passkey",
+                    task="passkey",
+                    metric="accuracy",
+                    value=accuracy,
+                    model=model,
+                    method=method or (str(settings["method"]) if settings else "none"),
+                    label=label or label_for(settings),
+                    settings=settings,
+                    length=length,
+                    stderr=mean_stderr(hits),
+                    samples=len(hits),
+                )
+            )
+        return out
 
 
 def _count(tokenizer: Any, text: str) -> int:

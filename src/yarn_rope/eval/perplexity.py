@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .results import EvalRecord, label_for
+
 __all__ = ["DocumentNLL", "LengthResult", "PerplexityResult", "perplexity", "token_nll"]
 
 
@@ -103,6 +105,34 @@ class PerplexityResult:
             "scaling": self.scaling,
             "lengths": [result.to_dict() for result in self.lengths],
         }
+
+    def records(
+        self, *, model: str = "", method: str | None = None, label: str | None = None
+    ) -> list[EvalRecord]:
+        """One :class:`~yarn_rope.eval.results.EvalRecord` per length (suite ``"perplexity"``).
+
+        Args:
+            model: the model's name for tables.
+            method: the method's name (default: from :attr:`scaling`, ``"none"`` when unpatched).
+            label: its column name (default: :func:`~yarn_rope.eval.results.label_for`).
+        """
+        settings = self.scaling
+        return [
+            EvalRecord(
+                suite="perplexity",
+                task=self.mode,
+                metric="perplexity",
+                value=entry.perplexity,
+                model=model,
+                method=method or (str(settings["method"]) if settings else "none"),
+                label=label or label_for(settings),
+                settings=settings,
+                length=entry.length,
+                samples=entry.tokens,
+                details={"nll": entry.nll, "stride": self.stride, "documents": len(entry.documents)},
+            )
+            for entry in self.lengths
+        ]
 
 
 # ------------------------------------------------------------------------------------------------
