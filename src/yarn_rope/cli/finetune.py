@@ -102,10 +102,8 @@ def _model_source(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     import transformers
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
-    from ..finetune import check_launch, check_output, original_context, prepare_data
+    from ..finetune import check_output, make_accelerator, original_context, prepare_data
 
     recipe = _recipe(args)
     try:
@@ -122,10 +120,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         ):
             raise FileNotFoundError(f"--data {path}: no such file or folder")
 
-    # As AcceleratorState reads it: several processes on a machine without GPUs join with gloo only
-    # when ACCELERATE_USE_CPU is set (see examples/accelerate/cpu_2proc.yaml).
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    check_launch(state.num_processes)
+    # Made before the model loads, so that a DeepSpeed ZeRO-3 launch partitions it while loading.
+    state = make_accelerator(recipe)
     say: Callable[..., None] = print if state.is_main_process else (lambda *_: None)
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -191,6 +187,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
         plot=args.plot,
+        accelerator=state,
         progress=args.progress,
     )
     if result.evals:
@@ -302,7 +299,7 @@ def register(commands: Any) -> None:
     )
     run.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (0: never)")
     run.add_argument(
-        "--checkpoint-every", type=int, default=None, help="steps between checkpoints (0: last only)"
+        "--checkpoint-every", type=int, default=None, help="steps between checkpoints (0: never)"
     )
     run.add_argument("--keep-checkpoints", type=int, default=1, help="newest checkpoints kept (default 1)")
     run.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write loss.png")

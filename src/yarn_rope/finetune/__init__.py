@@ -74,6 +74,7 @@ from .trainer import (
     check_output,
     finetune,
     latest_checkpoint,
+    make_accelerator,
     original_context,
 )
 
@@ -92,6 +93,7 @@ __all__ = [
     "finetune",
     "latest_checkpoint",
     "load_documents",
+    "make_accelerator",
     "original_context",
     "pack_documents",
     "plot_loss",

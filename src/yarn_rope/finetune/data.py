@@ -25,11 +25,13 @@ of training for evaluation), then ``dropped`` tokens (the tail shorter than one 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -225,9 +227,13 @@ def _from_files(datasets: Any, files: list[Path]) -> Any:
         )
     builder = builders.pop()
     data_files = [str(path) for path in files]
-    if builder == "text":
-        return datasets.load_dataset("text", data_files=data_files, sample_by="document", split="train")
-    return datasets.load_dataset(builder, data_files=data_files, split="train")
+    options = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, split="train", **options)
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        hint = " (text files must be UTF-8)" if isinstance(cause, UnicodeDecodeError) else ""
+        raise ValueError(f"cannot read the training files: {type(cause).__name__}: {cause}{hint}") from error
 
 
 def _from_hub(datasets: Any, name: str, split: str) -> Any:
@@ -374,7 +380,8 @@ def prepare_data(
         return pack_documents(
             documents, seq_len=seq_len, max_sequences=max_sequences, held_out=held_out, source="token ids"
         )
-    dataset, kind = load_documents(source, text_column=text_column, split=split)
+    with _datasets_bars(progress):
+        dataset, kind = load_documents(source, text_column=text_column, split=split)
     bookends: tuple[int | None, int | None] = (None, None)
     if kind == "text":
         if tokenizer is None:
@@ -399,6 +406,23 @@ def prepare_data(
             bookends=bookends,
             source=description,
         )
+
+
+@contextlib.contextmanager
+def _datasets_bars(enabled: bool | None) -> Iterator[None]:
+    """The ``datasets`` library's own bars (file reading, split generation) follow ``progress``
+    too, and are restored afterwards."""
+    datasets = _needs_datasets()
+    show = enabled if enabled is not None else sys.stderr.isatty()
+    was_disabled = datasets.are_progress_bars_disabled()
+    if show == (not was_disabled):
+        yield
+        return
+    (datasets.enable_progress_bars if show else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.disable_progress_bars if was_disabled else datasets.enable_progress_bars)()
 
 
 def _describe(source: Any) -> str:

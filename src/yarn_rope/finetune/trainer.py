@@ -60,6 +60,7 @@ __all__ = [
     "check_output",
     "finetune",
     "latest_checkpoint",
+    "make_accelerator",
     "original_context",
 ]
 
@@ -83,7 +84,8 @@ class StepRecord:
         step: 1-based optimizer step.
         loss: mean next-token loss (nats) over the step's global batch, all processes.
         learning_rate: the learning rate the step used.
-        grad_norm: global gradient norm before clipping.
+        grad_norm: global gradient norm before clipping (``None`` where the engine does not report
+            it: DeepSpeed clips inside).
         tokens: tokens trained on so far (all processes).
         seconds: wall time of the step.
     """
@@ -91,7 +93,7 @@ class StepRecord:
     step: int
     loss: float
     learning_rate: float
-    grad_norm: float
+    grad_norm: float | None
     tokens: int
     seconds: float
 
@@ -240,32 +242,74 @@ def _checkpoint_of(resume: Path) -> Path:
     return latest
 
 
-def check_launch(processes: int) -> None:
-    """Refuse a launch of several processes that accelerate sees as one each.
+def make_accelerator(recipe: FinetuneRecipe) -> Any:
+    """The ``accelerate.Accelerator`` for ``recipe`` (gradient accumulation, mixed precision), checked
+    with :func:`check_launch`.
 
-    On a machine without GPUs, ``accelerate launch`` with several processes (torchrun) starts them,
-    but accelerate joins them into one gloo group only when ``ACCELERATE_USE_CPU`` is set; otherwise
-    each would train alone and all would write the same output folder.
+    Create it before loading a model that DeepSpeed ZeRO-3 should partition as it loads (the
+    accelerate DeepSpeed plugin tells transformers' ``from_pretrained`` to load under
+    ``deepspeed.zero.Init``, as in the reference, which created its Accelerator first).
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=recipe.gradient_accumulation,
+        mixed_precision=_mixed_precision(recipe.mixed_precision),
+    )
+    check_launch(accelerator)
+    return accelerator
+
+
+def check_launch(state: Any) -> None:
+    """Refuse a launch that accelerate would silently run as something else.
+
+    * On a machine without GPUs, ``accelerate launch`` with several processes (torchrun) starts
+      them, but accelerate joins them into one gloo group only when ``ACCELERATE_USE_CPU`` is set;
+      otherwise each would train alone, and all would write the same output folder.
+    * accelerate (1.15) turns an FSDP or DeepSpeed launch into FSDP/DeepSpeed only on GPUs and
+      similar accelerators; on the CPU (``ACCELERATE_USE_CPU``) the same launch runs plain data
+      parallel, every process holding the whole model.
+
+    Args:
+        state: an ``accelerate.PartialState`` or ``Accelerator`` (``num_processes``,
+            ``distributed_type``).
 
     Raises:
-        ValueError: ``WORLD_SIZE`` says several processes and ``processes`` (what accelerate sees) is 1.
+        ValueError: either case above.
     """
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and processes == 1:
+    if world > 1 and state.num_processes == 1:
         raise ValueError(
             f"launched as {world} processes, but accelerate sees each as a single process: on a machine "
             "without GPUs, set ACCELERATE_USE_CPU=true for the launch (accelerate then joins them with gloo)"
+        )
+    requested = [
+        name
+        for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes")
+    ]
+    if requested and str(state.distributed_type).rsplit(".", 1)[-1] == "MULTI_CPU":
+        raise ValueError(
+            f"the launch asks for {requested[0]}, but accelerate runs {requested[0]} only on GPUs (and "
+            "similar accelerators): on the CPU it would silently be plain data parallel; launch CPU runs "
+            "with "
+            "examples/accelerate/cpu_2proc.yaml"
         )
 
 
 def original_context(model_or_config: Any) -> int:
     """The context a model was pretrained with: the original length its scaling declares (patched
-    or loaded by :func:`yarn_rope.from_pretrained`), else ``config.max_position_embeddings``."""
+    or loaded by :func:`yarn_rope.from_pretrained`), else ``max_position_embeddings / factor`` of a
+    scaled config that does not state it (transformers' ``linear``), else
+    ``config.max_position_embeddings``."""
     config = getattr(model_or_config, "config", model_or_config)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     declared = RopeScaling.from_hf(config)
     if declared.original_max_position_embeddings is not None:
         return int(declared.original_max_position_embeddings)
+    if declared.method != "none" and declared.factor and declared.max_position_embeddings:
+        # transformers' linear scaling records only the factor: the context was extended from max / factor.
+        return round(declared.max_position_embeddings / declared.factor)
     value = getattr(config, "max_position_embeddings", None)
     if not isinstance(value, int) or value < 2:
         raise ValueError(
@@ -428,6 +472,7 @@ def finetune(
     plot: bool = True,
     dtype: str | torch.dtype = "float32",
     text_column: str = "text",
+    accelerator: Any | None = None,
     progress: bool | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` through a context extension, the paper's way; the model is trained in place.
@@ -458,12 +503,15 @@ def finetune(
         eval_data: documents (``[s]`` token tensors) to evaluate on; default: ``max(eval_lengths)``
             tokens held out of the training data, right after its last sequence.
         checkpoint_every: save a resumable checkpoint every this many steps (default: a quarter of
-            the steps; 0: never). The last step always saves one.
+            the steps; 0: never). The finished run saves the model instead.
         keep_checkpoints: how many of the newest checkpoints to keep (older ones are deleted).
         plot: write ``loss.png`` (needs matplotlib: ``pip install 'yarn-rope[plot]'``).
         dtype: weight dtype when ``model`` is a path (float32 master weights by default; the
             reference trained bfloat16 weights, which a 70B model needs).
         text_column: the text column of tabular data.
+        accelerator: the ``accelerate.Accelerator`` to train with (default:
+            :func:`make_accelerator`; pass one made before loading a model that DeepSpeed ZeRO-3
+            should partition while it loads).
         progress: a progress bar over steps (``None``: on a terminal only).
 
     Returns:
@@ -478,7 +526,6 @@ def finetune(
     """
     import importlib.util
 
-    from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
     began = time.perf_counter()
@@ -515,11 +562,15 @@ def finetune(
     eval_every = every if eval_every is None else eval_every
     checkpoint_every = every if checkpoint_every is None else checkpoint_every
 
-    accelerator = Accelerator(
-        gradient_accumulation_steps=recipe.gradient_accumulation,
-        mixed_precision=_mixed_precision(recipe.mixed_precision),
-    )
-    check_launch(accelerator.num_processes)
+    if accelerator is None:
+        accelerator = make_accelerator(recipe)
+    else:
+        check_launch(accelerator)
+        if accelerator.gradient_accumulation_steps != recipe.gradient_accumulation:
+            raise ValueError(
+                f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, the "
+                f"recipe {recipe.gradient_accumulation}: build it with make_accelerator(recipe)"
+            )
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if recipe.lora and sharded:
         raise ValueError(
@@ -677,7 +728,7 @@ def finetune(
             step_began = time.perf_counter()
             learning_rate = float(scheduler.get_last_lr()[0])
             total = torch.zeros((), device=accelerator.device)
-            grad_norm = torch.zeros((), device=accelerator.device)
+            grad_norm = torch.full((), math.nan, device=accelerator.device)
             for _ in range(recipe.gradient_accumulation):
                 batch = next(batches)
                 with accelerator.accumulate(prepared):
@@ -688,7 +739,8 @@ def finetune(
                         norm = accelerator.clip_grad_norm_(
                             prepared.parameters(), recipe.max_grad_norm if recipe.max_grad_norm else math.inf
                         )
-                        grad_norm = torch.as_tensor(norm, dtype=torch.float32, device=accelerator.device)
+                        if norm is not None:  # DeepSpeed clips inside and may not report the norm
+                            grad_norm = torch.as_tensor(norm, dtype=torch.float32, device=accelerator.device)
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
@@ -699,7 +751,7 @@ def finetune(
                     step=state.step,
                     loss=mean_loss,
                     learning_rate=learning_rate,
-                    grad_norm=float(grad_norm),
+                    grad_norm=None if math.isnan(float(grad_norm)) else float(grad_norm),
                     tokens=state.step * tokens_per_step,
                     seconds=time.perf_counter() - step_began,
                 )
@@ -713,7 +765,7 @@ def finetune(
             last = state.step == recipe.steps
             if eval_every and (state.step % eval_every == 0 or last):
                 state.evals.append(_evaluate(evaluation_model(), documents, lengths, accelerator, state.step))
-            if last or (checkpoint_every and state.step % checkpoint_every == 0):
+            if checkpoint_every and state.step % checkpoint_every == 0 and not last:
                 save_checkpoint()
             write_log(finished=False)
 
