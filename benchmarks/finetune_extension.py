@@ -22,7 +22,8 @@ fine-tuned at. The same experiment, small enough for this machine, with nothing 
    with the same recipe (AdamW, warm-up then linear decay, same data in the same order);
 4. perplexity on the held-out files (each file's first N tokens, the paper's truncated
    evaluation) at 1x, 2x, 4x and 8x the pretraining context, before fine-tuning (plain RoPE and
-   each method patched onto the pretrained model) and after.
+   each method patched onto the pretrained model) and after; and at 4x every quarter of the
+   fine-tuning steps (the paper's claim is also about how few steps YaRN needs).
 
 The headline is YaRN's held-out perplexity after fine-tuning at the fine-tuned length (4x) over the
 best of the other two methods' (below 1: YaRN lowest, as the paper expects). Everything is
@@ -182,33 +183,55 @@ def measure(model: Any, documents: list[torch.Tensor], lengths: list[int]) -> di
 
 
 def plot(results: dict[str, Any], lengths: list[int], preset: Preset, path: str) -> None:
+    """Three panels: perplexity by length before and after fine-tuning, and at the fine-tuned length
+    by fine-tuning step."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    figure = Figure(figsize=(11, 4.2), dpi=120)
+    extended = int(preset.context * preset.factor)
     colors = {"none": "grey", "linear": "tab:blue", "ntk": "tab:orange", "yarn": "tab:green"}
-    for index, stage in enumerate(("before", "after")):
-        axis = figure.add_subplot(1, 2, index + 1)
+    figure = Figure(figsize=(15, 4.4), dpi=110)
+    axes = [figure.add_subplot(1, 3, 1)]
+    axes += [figure.add_subplot(1, 3, 2, sharey=axes[0]), figure.add_subplot(1, 3, 3, sharey=axes[0])]
+    for axis, stage in zip(axes[:2], ("before", "after"), strict=True):
         for method, rows in results.items():
-            if stage not in rows:
-                continue
-            values = [rows[stage][n] for n in lengths]
-            axis.plot(lengths, values, marker="o", color=colors[method], label=LABELS[method])
-        trained = preset.context if stage == "before" else int(preset.context * preset.factor)
+            if method == "none" and stage == "after":  # plain RoPE, not fine-tuned, for reference
+                axis.plot(lengths, [rows["before"][n] for n in lengths], color="grey", linestyle=":",
+                          marker=".", label="plain RoPE (not fine-tuned)")  # fmt: skip
+            elif stage in rows:
+                values = [rows[stage][n] for n in lengths]
+                axis.plot(lengths, values, marker="o", color=colors[method], label=LABELS[method])
         axis.axvline(preset.context, color="grey", linestyle=":", linewidth=1)
         if stage == "after":
-            axis.axvline(trained, color="black", linestyle="--", linewidth=1)
+            axis.axvline(extended, color="black", linestyle="--", linewidth=1)
         axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
         axis.set_xticks(lengths, [str(n) for n in lengths])
         axis.set_xlabel("context length (tokens)")
-        axis.set_ylabel("held-out perplexity")
         axis.set_title(
-            f"{'before' if stage == 'before' else 'after'} fine-tuning"
-            + (f" ({preset.finetune_steps} steps at {trained} tokens)" if stage == "after" else "")
+            "before fine-tuning"
+            if stage == "before"
+            else f"after {preset.finetune_steps} steps at {extended} tokens"
         )
+    steps_axis = axes[2]
+    for method in METHODS:
+        by_step = results[method]["by_step"]
+        steps = sorted(by_step)
+        steps_axis.plot(
+            steps, [by_step[k] for k in steps], marker="o", color=colors[method], label=LABELS[method]
+        )
+    steps_axis.set_xlabel("fine-tuning step")
+    steps_axis.set_title(f"at {extended} tokens, by fine-tuning step")
+    for axis in axes:
+        axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(ScalarFormatter())
+        axis.yaxis.set_minor_formatter(NullFormatter())
         axis.grid(True, alpha=0.3, which="both")
         axis.legend(fontsize=8)
-    figure.suptitle(f"pretrained at {preset.context} tokens, extended x{preset.factor:g}")
+    axes[0].set_ylabel("held-out perplexity")
+    figure.suptitle(
+        f"Llama with {preset.layers} layers, hidden {preset.hidden}, pretrained at {preset.context} tokens, "
+        f"extended x{preset.factor:g}"
+    )
     figure.tight_layout()
     temporary = f"{path}.tmp.png"
     figure.savefig(temporary)
@@ -338,11 +361,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             output=work / f"finetuned-{method}",
             recipe=FinetuneRecipe(method=method, **finetune_recipe_fields),
             tokenizer=tokenizer,
-            eval_every=0,
+            eval_data=[document[:extended] for document in documents],
+            eval_lengths=[extended],
+            eval_every=max(1, preset.finetune_steps // 4),
             checkpoint_every=0,
             plot=False,
             progress=False,
         )
+        results[method]["by_step"] = {record.step: record.perplexity[extended] for record in run.evals}
         results[method]["after"] = measure(run.model, documents, lengths)
         results[method]["losses"] = run.losses
         results[method]["seconds"] = time.perf_counter() - stage
@@ -399,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if stage_name in ("before", "after")
             }
             | {key: entry[key] for key in ("losses", "seconds") if key in entry}
+            | ({"by_step": {str(k): v for k, v in entry["by_step"].items()}} if "by_step" in entry else {})
             for method, entry in results.items()
         },
         "pretraining_seconds": pretrain_seconds,

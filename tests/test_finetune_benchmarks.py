@@ -45,6 +45,9 @@ def test_finetune_extension_smoke(tmp_path):
     for method in ("linear", "ntk", "yarn"):
         entry = results[method]
         assert len(entry["losses"]) == report["sizes"]["finetune_steps"]
+        # The loop's step-0 evaluation is the same measurement as "before" at the fine-tuned length.
+        assert entry["by_step"]["0"] == pytest.approx(entry["before"][str(4 * context)], rel=1e-9)
+        assert int(max(entry["by_step"], key=int)) == report["sizes"]["finetune_steps"]
         for stage in ("before", "after"):
             assert [int(n) for n in entry[stage]] == lengths
             assert all(math.isfinite(v) and v > 1 for v in entry[stage].values())

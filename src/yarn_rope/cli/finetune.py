@@ -138,6 +138,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     held_out = max(lengths) if args.eval_every != 0 else 0
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
     global_batch = recipe.global_batch(state.num_processes)
+    if len(args.data) == 1 and not os.path.exists(os.path.expanduser(args.data[0])):
+        say(f"--data {args.data[0]}: not a local file or folder; loading it as a Hugging Face Hub dataset")
     with state.main_process_first(), _naming("--data"):
         packed = prepare_data(
             args.data[0] if len(args.data) == 1 else args.data,
