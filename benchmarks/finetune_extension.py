@@ -186,7 +186,7 @@ def plot(results: dict[str, Any], lengths: list[int], preset: Preset, path: str)
     """Three panels: perplexity by length before and after fine-tuning, and at the fine-tuned length
     by fine-tuning step."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import ScalarFormatter
 
     extended = int(preset.context * preset.factor)
     colors = {"none": "grey", "linear": "tab:blue", "ntk": "tab:orange", "yarn": "tab:green"}
@@ -224,7 +224,7 @@ def plot(results: dict[str, Any], lengths: list[int], preset: Preset, path: str)
     for axis in axes:
         axis.set_yscale("log")
         axis.yaxis.set_major_formatter(ScalarFormatter())
-        axis.yaxis.set_minor_formatter(NullFormatter())
+        axis.yaxis.set_minor_formatter(ScalarFormatter())  # the curves span less than a decade
         axis.grid(True, alpha=0.3, which="both")
         axis.legend(fontsize=8)
     axes[0].set_ylabel("held-out perplexity")

@@ -32,6 +32,7 @@ from yarn_rope.finetune import (
     pack_documents,
     prepare_data,
 )
+from yarn_rope.finetune.data import hub_name
 
 pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
@@ -161,10 +162,11 @@ class TestPacking:
 
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once, without retries
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        with pytest.raises(
-            ValueError, match="cannot load dataset 'no-such-corpus' from the Hugging Face Hub"
-        ):
-            prepare_data("no-such-corpus", seq_len=8)
+        with pytest.raises(ValueError, match="cannot load dataset 'someone/no-such-corpus' from the Hugging"):
+            prepare_data("someone/no-such-corpus", seq_len=8)
+        assert hub_name(["pg19"]) == "pg19" and hub_name("emozilla/pg_books-chunked-65536") is not None
+        for local in ("notes.txt", "./books", "/data/books", "a/b/c", str(TEXTS[0]), [str(TEXTS[0])]):
+            assert hub_name(local) is None, local
 
     def test_examples_have_aligned_labels_and_positions(self, tiny):
         """The model's loss on a packed example is the mean over all seq_len - 1 next-token

@@ -104,6 +104,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     import transformers
 
     from ..finetune import check_output, make_accelerator, original_context, prepare_data
+    from ..finetune.data import hub_name
 
     recipe = _recipe(args)
     try:
@@ -114,10 +115,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--resume: {error}") from None
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ImportError("the loss plot needs matplotlib: pip install 'yarn-rope[plot]' (or pass --no-plot)")
+    remote = hub_name(args.data)
     for path in args.data:
-        if not os.path.exists(os.path.expanduser(path)) and (
-            len(args.data) > 1 or os.sep in path or os.path.splitext(path)[1]
-        ):
+        if remote is None and not os.path.exists(os.path.expanduser(path)):
             raise FileNotFoundError(f"--data {path}: no such file or folder")
 
     # Made before the model loads, so that a DeepSpeed ZeRO-3 launch partitions it while loading.
@@ -138,8 +138,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     held_out = max(lengths) if args.eval_every != 0 else 0
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
     global_batch = recipe.global_batch(state.num_processes)
-    if len(args.data) == 1 and not os.path.exists(os.path.expanduser(args.data[0])):
-        say(f"--data {args.data[0]}: not a local file or folder; loading it as a Hugging Face Hub dataset")
+    if remote is not None:
+        say(f"--data {remote}: not a local file or folder; loading it as a Hugging Face Hub dataset")
     with state.main_process_first(), _naming("--data"):
         packed = prepare_data(
             args.data[0] if len(args.data) == 1 else args.data,

@@ -31,6 +31,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ from .._progress import progress_bar
 __all__ = [
     "PackedData",
     "PackedSequences",
+    "hub_name",
     "load_documents",
     "pack_documents",
     "prepare_data",
@@ -139,8 +141,21 @@ def _needs_datasets() -> Any:
     return datasets
 
 
-def _looks_like_path(name: str) -> bool:
-    return os.sep in name or name.startswith((".", "~")) or Path(name).suffix != ""
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_FILE_SUFFIXES = (".txt", ".md", ".py", ".json", ".jsonl", ".parquet", ".csv", ".arrow")
+
+
+def hub_name(source: Any) -> str | None:
+    """``source`` if :func:`load_documents` would read it from the Hugging Face Hub: one name that
+    is not a local path, spelled like a dataset id (``pg19``, ``owner/name``) and not like a file
+    (no ``.txt``/``.jsonl``/... suffix); else ``None``."""
+    if isinstance(source, (list, tuple)) and len(source) == 1:
+        source = source[0]
+    if not isinstance(source, str) or os.path.exists(os.path.expanduser(source)):
+        return None
+    if not _HUB_NAME.fullmatch(source) or source.lower().endswith(_FILE_SUFFIXES):
+        return None
+    return source
 
 
 def _files(paths: Sequence[Path]) -> list[Path]:
@@ -188,9 +203,10 @@ def load_documents(
         if not names:
             raise ValueError("no training data given")
         paths = [Path(os.path.expanduser(os.fspath(name))) for name in names]
-        missing = [str(path) for path, name in zip(paths, names, strict=True) if not path.exists()]
-        if len(names) == 1 and missing and not _looks_like_path(os.fspath(names[0])):
-            dataset = _from_hub(datasets, os.fspath(names[0]), split)
+        missing = [str(path) for path in paths if not path.exists()]
+        name = hub_name(names)
+        if name is not None:
+            dataset = _from_hub(datasets, name, split)
         elif missing:
             raise FileNotFoundError(f"training data not found: {', '.join(missing)}")
         elif len(paths) == 1 and _is_saved_dataset(paths[0]):

@@ -47,7 +47,6 @@ def plot_loss(
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{length} tokens")
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("held-out perplexity")
-        axis.set_yscale("log")
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
     if title:
