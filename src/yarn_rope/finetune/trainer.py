@@ -427,6 +427,9 @@ def _add_lora(model: Any, recipe: FinetuneRecipe) -> Any:
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(descriptor, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=1)
             handle.write("\n")
