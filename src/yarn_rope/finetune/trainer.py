@@ -502,7 +502,8 @@ def finetune(
             latest one; the recipe, data and process count must be the run's.
         eval_lengths: perplexity lengths in tokens (default: ``[seq_len]``, the target length).
         eval_every: evaluate every this many steps, and before the first and after the last
-            (default: a quarter of the steps; 0: never).
+            (default: a quarter of the steps; 0: never). Off under FSDP/DeepSpeed (a warning says
+            so): evaluate the saved model instead.
         eval_data: documents (``[s]`` token tensors) to evaluate on; default: ``max(eval_lengths)``
             tokens held out of the training data, right after its last sequence.
         checkpoint_every: save a resumable checkpoint every this many steps (default: a quarter of
@@ -580,6 +581,14 @@ def finetune(
             "LoRA with FSDP/DeepSpeed is not supported by this loop (the merged model is saved from one "
             "process): train LoRA data parallel, or train all weights under FSDP/DeepSpeed"
         )
+    if sharded and eval_every:
+        # perplexity() runs the decoder and the output head separately, which sharded engines only
+        # allow through the whole model's forward; not verified here (no GPU): evaluate afterwards.
+        logger.warning(
+            "periodic evaluation is off under %s: evaluate the saved model after training",
+            accelerator.distributed_type,
+        )
+        eval_every = 0
     processes = accelerator.num_processes
     global_batch = recipe.global_batch(processes)
     needed = recipe.steps * global_batch
