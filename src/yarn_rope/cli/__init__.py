@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, evaluate, frequencies, harness, inspection, report, ruler
+from . import demo, evaluate, finetune, frequencies, harness, inspection, report, ruler
 
 __all__ = ["build_parser", "main"]
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     ruler.register(evaluations)
     harness.register(evaluations)
     report.register(commands)
+    finetune.register(commands)
     return parser
 
 
