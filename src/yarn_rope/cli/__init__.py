@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, evaluate, frequencies, inspection
+from . import demo, evaluate, export, frequencies, inspection
 
 __all__ = ["build_parser", "main"]
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspection.register(commands)
     demo.register(commands)
     evaluate.register(commands)
+    export.register(commands)
     return parser
 
 
