@@ -15,7 +15,8 @@ same comparison.
 
 llama.cpp 0c1e57098 (llama-cpp-python 0.3.36) crashes in its AMX kernels on this project's CPU
 for Q4_1 (ggml_backend_amx_mul_mat), so models load with ``use_extra_bufts=False`` (its plain CPU
-kernels). About 8 minutes on 2 busy cores.
+kernels). About 8 minutes on 2 cores. With ``YARN_ROPE_LLAMACPP_REPORT=FILE`` set, every comparison
+is appended to FILE as a JSON line (the README's table comes from such a run).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -46,6 +48,17 @@ pytestmark = [
 PLAIN_TOKENS = 4096
 YARN_TOKENS = 12288
 WRONG_TOKENS = 4096  # a prefix of the YaRN comparison: the model is causal, the table static
+MISTRAL_TOKENS = 2048
+# The settings of the authors' Mistral code (betas 128/2, temperature 0.07 ln s + 1), at factor 4:
+# through llama.cpp they need the beta flags and the GGUF attn_factor (--override-kv).
+MISTRAL_LIKE = yarn_rope.RopeScaling(
+    method="yarn",
+    factor=4.0,
+    original_max_position_embeddings=8192,
+    beta_fast=128.0,
+    beta_slow=2.0,
+    mscale_coefficient=0.07,
+)
 F32_PERPLEXITY = 1e-4
 F32_MEAN_TOKEN = 1e-3
 Q4_PERPLEXITY = 5e-3
@@ -105,12 +118,27 @@ def llamacpp_nll(path: str | Path, ids: list[int], **settings: Any) -> np.ndarra
     return nll
 
 
-def _compare(reference: np.ndarray, served: np.ndarray) -> tuple[float, float]:
+def _compare(reference: np.ndarray, served: np.ndarray, **label: Any) -> tuple[float, float]:
     """(relative perplexity difference, mean per-token |NLL difference|) over the common prefix."""
     count = min(len(reference), len(served))
     ours, theirs = reference[:count].astype(np.float64), served[:count]
     relative = abs(math.exp(theirs.mean() - ours.mean()) - 1.0)
-    return relative, float(np.abs(theirs - ours).mean())
+    mean_token = float(np.abs(theirs - ours).mean())
+    report = os.environ.get("YARN_ROPE_LLAMACPP_REPORT")
+    if report and label:
+        row = {
+            **label,
+            "tokens": count + 1,
+            "perplexity_yarn_rope": math.exp(ours.mean()),
+            "perplexity_llamacpp": math.exp(theirs.mean()),
+            "relative": relative,
+            "mean_token": mean_token,
+            "max_token": float(np.abs(theirs - ours).max()),
+            "pearson": float(np.corrcoef(ours, theirs)[0, 1]),
+        }
+        with open(report, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+    return relative, mean_token
 
 
 def _agrees(weights: str, relative: float, mean_token: float) -> bool:
@@ -141,9 +169,11 @@ def reference() -> dict[str, Any]:
     plain = token_nll(model, torch.tensor(ids[:PLAIN_TOKENS])).numpy()
     with yarn_rope.patched(model, factor=2.0):
         yarn = token_nll(model, torch.tensor(ids)).numpy()
+    with yarn_rope.patched(model, MISTRAL_LIKE):
+        mistral = token_nll(model, torch.tensor(ids[:MISTRAL_TOKENS])).numpy()
     del model
     gc.collect()
-    return {"ids": [int(i) for i in ids], "plain": plain, "yarn": yarn}
+    return {"ids": [int(i) for i in ids], "plain": plain, "yarn": yarn, "mistral": mistral}
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +235,7 @@ def test_exported_settings_are_what_llamacpp_reads(served):
 def test_plain_rope_agrees(reference, served, weights_name, path):
     file, settings = served[(weights_name, "plain", path)]
     nll = llamacpp_nll(file, reference["ids"][:PLAIN_TOKENS], **settings)
-    relative, mean_token = _compare(reference["plain"], nll)
+    relative, mean_token = _compare(reference["plain"], nll, weights=weights_name, path=path, method="plain")
     assert _agrees(weights_name, relative, mean_token), (relative, mean_token)
 
 
@@ -214,7 +244,7 @@ def test_plain_rope_agrees(reference, served, weights_name, path):
 def test_yarn_agrees_beyond_the_trained_context(reference, served, weights_name, path):
     file, settings = served[(weights_name, "yarn", path)]
     nll = llamacpp_nll(file, reference["ids"], **settings)
-    relative, mean_token = _compare(reference["yarn"], nll)
+    relative, mean_token = _compare(reference["yarn"], nll, weights=weights_name, path=path, method="yarn x2")
     assert _agrees(weights_name, relative, mean_token), (relative, mean_token)
     # Past the trained context too: the last 4,096 tokens alone.
     tail_relative, _ = _compare(reference["yarn"][-4096:], nll[-4096:])
@@ -235,6 +265,22 @@ def test_wrong_settings_fail_the_comparison(reference, served, weights, wrong):
         file, exported = served[("f32", "yarn", "flags")]
         settings = {**exported, **wrong}
     nll = llamacpp_nll(file, reference["ids"][:WRONG_TOKENS], **settings)
-    relative, mean_token = _compare(reference["yarn"], nll)
+    label = "yarn left out" if wrong is None else "yarn_ext_factor = factor"
+    relative, mean_token = _compare(reference["yarn"], nll, weights="f32", path=label, method="yarn x2")
     assert not _agrees("f32", relative, mean_token), (relative, mean_token)
     assert not _agrees("q4_1", relative, mean_token), (relative, mean_token)
+
+
+def test_yarn_mistral_settings_agree_through_flags_and_override_kv(reference, weights):
+    exported = export(weights["f32"], "llama.cpp", scaling=MISTRAL_LIKE)
+    assert "kv_overrides" in exported.python and exported.python["yarn_beta_fast"] == 128.0
+    nll = llamacpp_nll(weights["f32"], reference["ids"][:MISTRAL_TOKENS], **exported.python)
+    relative, mean_token = _compare(
+        reference["mistral"], nll, weights="f32", path="flags", method="yarn-mistral x4"
+    )
+    assert _agrees("f32", relative, mean_token), (relative, mean_token)
+    # Without the attn_factor override (llama.cpp's own 0.1 ln s + 1) it must disagree.
+    settings = {key: value for key, value in exported.python.items() if key != "kv_overrides"}
+    nll = llamacpp_nll(weights["f32"], reference["ids"][:MISTRAL_TOKENS], **settings)
+    relative, mean_token = _compare(reference["mistral"], nll)
+    assert not _agrees("f32", relative, mean_token), (relative, mean_token)
