@@ -289,8 +289,7 @@ def _read_source(
     if config is None:
         raise TypeError(
             "export() takes a checkpoint folder, a config.json or GGUF path, a config dict, a RopeScaling "
-            "or a "
-            f"transformers model; got {type(source).__name__}"
+            f"or a transformers model; got {type(source).__name__}"
         )
     from .patch import patch_info
 
@@ -392,9 +391,8 @@ def _difference(
 ) -> tuple[float, float]:
     if model.rotary_dim is None or model.rope_theta is None:
         raise ValueError(
-            "measuring an approximation needs the model's rotary dimension and rope_theta: pass "
-            "rotary_dim= and "
-            "rope_theta= (the source states neither)"
+            "measuring an approximation needs the model's rotary dimension and rope_theta: pass rotary_dim= "
+            "and rope_theta= (the source states neither)"
         )
     dim, base = model.rotary_dim, model.rope_theta
     table, attention = candidate.inv_freq(dim, base=base)
@@ -433,7 +431,8 @@ def _engine_scaling(
     if not allow_approximation:
         raise ValueError(
             f"{title} cannot serve {_describe(scaling)}: {lost}. Pass allow_approximation=True "
-            "(--allow-approximation) for the closest static setting it computes, with the largest differences"
+            "(--allow-approximation) for the closest static setting it computes, with the largest "
+            "differences"
         )
     lengths = _lengths(scaling, context)
     best: tuple[float, float, RopeScaling] | None = None
@@ -500,9 +499,8 @@ def _rope_dict(spelled: M.EngineSettings, src: _Source, engine: str) -> dict[str
         if engine == "vllm":
             raise ValueError(
                 "vLLM 0.33.0 sets a dict-valued hf_overrides entry whole (vllm/config/model.py, "
-                "_apply_dict_overrides), "
-                "so rope_parameters must carry the model's rope_theta, which the source does not state: pass "
-                "rope_theta= (--rope-theta)"
+                "_apply_dict_overrides), so rope_parameters must carry the model's rope_theta, which the "
+                "source does not state: pass rope_theta= (--rope-theta)"
             )
     else:
         rope["rope_theta"] = theta
@@ -544,11 +542,9 @@ def _allow_context(
         "VLLM_ALLOW_LONG_MAX_MODEL_LEN" if engine == "vllm" else "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
     )
     return [
-        f"max_position_embeddings = {context} (the config states {stated}): {title} refuses a context "
-        "above the "
-        f"length it derives from the config unless the config allows it (or {variable}=1, which it warns "
-        "about); "
-        "its YaRN table is built from original_max_position_embeddings, not from this"
+        f"max_position_embeddings = {context} (the config states {stated}): {title} refuses a context above "
+        f"the length it derives from the config unless the config allows it (or {variable}=1, which it warns "
+        "about); its YaRN table is built from original_max_position_embeddings, not from this"
     ]
 
 
@@ -658,9 +654,8 @@ def _llamacpp(
     python.update(kwargs)
     if spelled.rope.get("scaling.type") == "yarn":
         notes.append(
-            "llama_cpp.Llama passes yarn_beta_fast=32, yarn_beta_slow=1 by default, which override a "
-            "file's keys: "
-            "keep the betas in its keywords"
+            "llama_cpp.Llama passes yarn_beta_fast=32, yarn_beta_slow=1 by default, which override a file's "
+            "keys: keep the betas in its keywords"
         )
     return settings, python, tuple(command + flags), notes
 
@@ -702,19 +697,16 @@ def _gguf(
     if needed:
         notes.append(
             f"llama.cpp {M.LLAMACPP_RELEASE} reads {', '.join(k.removeprefix('scaling.') for k in needed)} "
-            "only for "
-            f"{', '.join(sorted(M.LLAMACPP_ARCH_KEYS[needed[0].removeprefix('scaling.')]))} models, not "
-            f"{arch}: the "
-            "file holds them, and the command passes them too"
+            f"only for {', '.join(sorted(M.LLAMACPP_ARCH_KEYS[needed[0].removeprefix('scaling.')]))} models, "
+            f"not {arch}: the file holds them, and the command passes them too"
         )
     if spelled.rope.get("scaling.type") == "yarn":
         for key in ("scaling.yarn_beta_fast", "scaling.yarn_beta_slow"):
             _, keyword = M.LLAMACPP_FLAGS[key]
             kwargs[keyword] = float(spelled.rope[key])
         notes.append(
-            "llama_cpp.Llama passes yarn_beta_fast=32, yarn_beta_slow=1 by default, which override a "
-            "file's keys: "
-            "keep the betas in its keywords"
+            "llama_cpp.Llama passes yarn_beta_fast=32, yarn_beta_slow=1 by default, which override a file's "
+            "keys: keep the betas in its keywords"
         )
     python: dict[str, Any] = {
         "model_path": str(copy.path),
@@ -729,9 +721,8 @@ def _gguf(
         *flags,
     ]
     notes.append(
-        f"copied {copy.tensor_count} tensors ({copy.tensor_bytes} bytes) byte for byte; yarn_rope reads "
-        "the exact "
-        f"settings back from {M.GGUF_SETTINGS_KEY}"
+        f"copied {copy.tensor_count} tensors ({copy.tensor_bytes} bytes) byte for byte; yarn_rope reads the "
+        f"exact settings back from {M.GGUF_SETTINGS_KEY}"
     )
     return fields, python, tuple(command), notes, str(copy.path)
 
@@ -754,15 +745,15 @@ def _transformers(
         release = f"transformers {spec.transformers.exact}"
         if spec.transformers.differs:
             notes.append(
-                f"other releases: {spec.transformers.differs} (yarn_rope.from_pretrained gives the "
-                "reference numbers)"
+                f"other releases: {spec.transformers.differs} (yarn_rope.from_pretrained gives the reference "
+                "numbers)"
             )
     else:
         release = "yarn_rope.from_pretrained"
         notes.append(
             f"vanilla transformers refuses rope_type {rope['rope_type']!r} (KeyError) rather than compute "
-            "something else: "
-            "load it with yarn_rope.from_pretrained or yarn_rope.patch, which compute it exactly"
+            "something else: load it with yarn_rope.from_pretrained or yarn_rope.patch, which compute it "
+            "exactly"
         )
     if scaling.method == "dynamic-ntk":
         notes.append(
@@ -879,10 +870,8 @@ def export(
         notes.insert(
             0,
             f"approximated: {approximation.lost}; served as {_describe(exported)}, largest relative "
-            "difference "
-            f"{approximation.table_difference:.3g} in the frequency table and "
-            f"{approximation.attention_difference:.3g} "
-            "in the attention scaling",
+            f"difference {approximation.table_difference:.3g} in the frequency table and "
+            f"{approximation.attention_difference:.3g} in the attention scaling",
         )
     named = M.ENGINES[engine]
     return ExportResult(

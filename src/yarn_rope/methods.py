@@ -1134,12 +1134,9 @@ def from_gguf_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         if ignored is not None and ignored != 1.0 and rope_type == "yarn":
             logger.warning(
                 "GGUF %s: ignoring %syarn_attn_factor=%s: llama.cpp %s overwrites it whenever YaRN is on, "
-                "and "
-                "converters write transformers' attention_factor (which replaces the attention scaling) or "
-                "the "
-                "authors' attn_factor (which multiplies it) there alike; pass attention_factor= or "
-                "attn_factor= "
-                "if the model needs one",
+                "and converters write transformers' attention_factor (which replaces the attention "
+                "scaling) or the authors' attn_factor (which multiplies it) there alike; pass "
+                "attention_factor= or attn_factor= if the model needs one",
                 arch,
                 prefix,
                 ignored,
@@ -1151,8 +1148,8 @@ def from_gguf_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
             scaling["mscale"], scaling["mscale_all_dim"] = pair
         elif multiplier:
             logger.warning(
-                "GGUF %s: ignoring %syarn_log_multiplier=%s, as llama.cpp does for this architecture (it is "
-                "DeepSeek's mscale_all_dim, read only by %s)",
+                "GGUF %s: ignoring %syarn_log_multiplier=%s, as llama.cpp does for this architecture (it "
+                "is DeepSeek's mscale_all_dim, read only by %s)",
                 arch,
                 prefix,
                 multiplier,
@@ -1262,16 +1259,15 @@ ENGINES: dict[str, EngineRelease] = {
         "SGLang",
         "0.5.23",
         "python/sglang/srt/layers/rotary_embedding/factory.py (get_rope), yarn.py; "
-        "srt/configs/model_config.py "
-        "(_derive_context_length); srt/utils/hf_transformers/config.py (json_model_override_args)",
+        "srt/configs/model_config.py (_derive_context_length); srt/utils/hf_transformers/config.py "
+        "(json_model_override_args)",
     ),
     "llama.cpp": EngineRelease(
         "llama.cpp",
         "llama.cpp",
         LLAMACPP_RELEASE,
         "src/llama-context.cpp (YaRN attention factor), src/llama-model.cpp and src/models/*.cpp (GGUF "
-        "keys), "
-        "ggml/src/ggml-cpu/ops.cpp (rope_yarn), common/arg.cpp (flags)",
+        "keys), ggml/src/ggml-cpu/ops.cpp (rope_yarn), common/arg.cpp (flags)",
     ),
 }
 
@@ -1352,8 +1348,7 @@ def _ntk_theta(factor: float, model: ServeModel) -> float:
     if model.rotary_dim is None or model.rope_theta is None:
         raise ValueError(
             "NTK-aware scaling is served as plain RoPE with the base rope_theta * factor^(d / (d - 2)), "
-            "which "
-            "needs the model's rotary dimension d and rope_theta: pass rotary_dim= and rope_theta="
+            "which needs the model's rotary dimension d and rope_theta: pass rotary_dim= and rope_theta="
         )
     return F._ntk_base(model.rotary_dim, model.rope_theta, factor)
 
@@ -1362,8 +1357,9 @@ def _ntk(engine: str) -> Callable[[Settings, ServeModel], EngineSettings]:
     def write(s: Settings, model: ServeModel) -> EngineSettings:
         theta = _ntk_theta(s["factor"], model)
         note = (
-            f"NTK-aware scaling is plain RoPE with base {model.rope_theta:g} * {s['factor']:g}^"
-            f"({model.rotary_dim}/{model.rotary_dim - 2 if model.rotary_dim else 0}) = {theta:.9g}"
+            f"NTK-aware scaling is plain RoPE with base {model.rope_theta:g} * "
+            f"{s['factor']:g}^({model.rotary_dim}/{model.rotary_dim - 2 if model.rotary_dim else 0}) = "
+            f"{theta:.9g}"
         )
         if engine == "llama.cpp":
             return EngineSettings(
@@ -1419,10 +1415,8 @@ def _vllm_yarn(s: Settings, model: ServeModel) -> EngineSettings:
         rope["attention_factor"] = target
         notes.append(
             f"attention_factor = {_attention_formula(s, factor)} replaces vLLM's own {own:.9g}; vLLM "
-            "releases "
-            "that ignore attention_factor (before vLLM #46280 / #48351) read attn_factor instead: "
-            "attn_factor = "
-            f"{target / F.yarn_mscale(factor):.9g}, which multiplies 0.1 ln s + 1"
+            "releases that ignore attention_factor (before vLLM #46280 / #48351) read attn_factor instead: "
+            f"attn_factor = {target / F.yarn_mscale(factor):.9g}, which multiplies 0.1 ln s + 1"
         )
     return EngineSettings(rope, notes=tuple(notes))
 
@@ -1430,9 +1424,8 @@ def _vllm_yarn(s: Settings, model: ServeModel) -> EngineSettings:
 def _vllm_yarn_loses(s: Settings) -> str | None:
     if s["extrapolation_factor"] != 1.0:
         return (
-            f"extrapolation_factor={s['extrapolation_factor']:g}: vLLM 0.33.0's YaRN has no such setting "
-            "(it always "
-            "extrapolates fully), so the ramp pairs would be computed with 1"
+            f"extrapolation_factor={s['extrapolation_factor']:g}: vLLM 0.33.0's YaRN has no such setting (it "
+            "always extrapolates fully), so the ramp pairs would be computed with 1"
         )
     return None
 
@@ -1480,8 +1473,7 @@ def _llamacpp_yarn(s: Settings, model: ServeModel) -> EngineSettings:
         notes = (
             f"attn_factor = {target / own:.9g} multiplies llama.cpp's own {own:.9g} to give "
             f"{_attention_formula(s, factor)}; it is the GGUF key {{arch}}.rope.scaling.attn_factor "
-            "(--override-kv): "
-            "--yarn-attn-factor is overwritten whenever YaRN is on (src/llama-context.cpp)",
+            "(--override-kv): --yarn-attn-factor is overwritten whenever YaRN is on (src/llama-context.cpp)",
         )
     return EngineSettings(keys, notes=notes)
 
@@ -1489,8 +1481,8 @@ def _llamacpp_yarn(s: Settings, model: ServeModel) -> EngineSettings:
 def _llamacpp_yarn_loses(s: Settings) -> str | None:
     if not s["truncate"]:
         return (
-            "truncate=False: ggml always floors and ceils the ramp bounds (ggml_rope_yarn_corr_dims), so the "
-            "fractional bounds would be rounded"
+            "truncate=False: ggml always floors and ceils the ramp bounds (ggml_rope_yarn_corr_dims), so "
+            "the fractional bounds would be rounded"
         )
     return None
 
@@ -1508,8 +1500,7 @@ def _rope_list(engine: str) -> Callable[[Settings, ServeModel], EngineSettings]:
         }
         note = (
             f"short_mscale = long_mscale = {attention:.9g}: {ENGINES[engine].title} would otherwise derive "
-            "them "
-            "from max_position_embeddings / original_max_position_embeddings"
+            "them from max_position_embeddings / original_max_position_embeddings"
         )
         return EngineSettings(rope, notes=(note,))
 
@@ -1524,19 +1515,17 @@ def _longrope_loses(engine: str) -> Callable[[Settings], str | None]:
             how = (
                 "with one list of factors for every sequence (the long ones whenever max_model_len passes "
                 "original_max_position_embeddings), so sequences within the original context would get the "
-                "long "
-                "factors"
+                "long factors"
             )
         else:
             how = (
                 "switching a whole batch to the long factors once any position passes "
-                "original_max_position_embeddings, "
-                "with the keys cached before still rotated by the short ones"
+                "original_max_position_embeddings, with the keys cached before still rotated by the short "
+                "ones"
             )
         return (
             f"{ENGINES[engine].title} {ENGINES[engine].release} serves LongRoPE {how}; transformers and "
-            "yarn_rope "
-            "switch per sequence length"
+            "yarn_rope switch per sequence length"
         )
 
     return loses
@@ -1565,8 +1554,7 @@ def _llama3(s: Settings, model: ServeModel) -> EngineSettings:
 def _llamacpp_llama3_loses(s: Settings) -> str | None:
     return (
         "llama.cpp applies llama3 scaling through a rope_freqs tensor that convert_hf_to_gguf.py writes "
-        "into the "
-        "GGUF file; no flag or metadata key spells it, and yarn_rope does not add tensors"
+        "into the GGUF file; no flag or metadata key spells it, and yarn_rope does not add tensors"
     )
 
 
@@ -1591,8 +1579,8 @@ def _llama3_closest(s: Settings, context: int | None) -> tuple[tuple[str, dict[s
 def _llamacpp_longrope_loses(s: Settings) -> str | None:
     return (
         "llama.cpp applies LongRoPE through rope_long / rope_short tensors that convert_hf_to_gguf.py "
-        "writes, chosen "
-        "by the context size, not the sequence; no flag or metadata key spells the per-pair factors"
+        "writes, chosen by the context size, not the sequence; no flag or metadata key spells the per-pair "
+        "factors"
     )
 
 
@@ -1604,13 +1592,13 @@ def _no_engine(what: str) -> Callable[[Settings], str | None]:
 
 
 _NO_DYNAMIC_YARN = (
-    "no serving engine computes dynamic YaRN: it would serve one static table for every length, so sequences "
-    "within the original context would not get plain RoPE and the factor would not follow the sequence length"
+    "no serving engine computes dynamic YaRN: it would serve one static table for every length, so "
+    "sequences within the original context would not get plain RoPE and the factor would not follow the "
+    "sequence length"
 )
 _NO_DYNAMIC_NTK = (
     "no serving engine grows the NTK base with the sequence (vLLM's and SGLang's 'dynamic' build one table "
-    "at "
-    "the longest context; llama.cpp has none): it would serve one static base for every length"
+    "at the longest context; llama.cpp has none): it would serve one static base for every length"
 )
 _NO_NTK_BY_PARTS = (
     "no serving engine computes the authors' two-ramp NTK-by-parts (NTK-aware pairs blended into "

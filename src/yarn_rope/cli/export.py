@@ -100,8 +100,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         approximation = result.approximation
         print(f"requested: {approximation.requested.method} (approximated: {approximation.lost})")
         print(
-            f"largest relative difference: frequency table {approximation.table_difference:.3g}, "
-            f"attention scaling {approximation.attention_difference:.3g} (sequence lengths "
+            f"largest relative difference: frequency table {approximation.table_difference:.3g}, attention "
+            f"scaling {approximation.attention_difference:.3g} (sequence lengths "
             f"{approximation.lengths[0]}-{approximation.lengths[-1]})"
         )
     context = result.context_length if result.context_length is not None else "the model's own"
@@ -129,15 +129,11 @@ def register(commands: Any) -> None:
         "export",
         help="the exact rope settings for vLLM, SGLang, llama.cpp or transformers; GGUF copies",
         description=(
-            "Print what to type or pass to serve SOURCE (a checkpoint folder, a config.json or a GGUF "
-            "file) with "
-            "its exact rope scaling, for the named engine release: the command line, the Python keyword "
-            "arguments, "
-            "the override JSON and the context length to allow. --to gguf writes a copy of a GGUF file "
-            "with the "
-            "scaling in its metadata, tensors copied byte for byte. Settings an engine cannot compute are "
-            "refused, "
-            "unless --allow-approximation."
+            "Print what to type or pass to serve SOURCE (a checkpoint folder, a config.json or a GGUF file) "
+            "with its exact rope scaling, for the named engine release: the command line, the Python "
+            "keyword arguments, the override JSON and the context length to allow. --to gguf writes a copy "
+            "of a GGUF file with the scaling in its metadata, tensors copied byte for byte. Settings an "
+            "engine cannot compute are refused, unless --allow-approximation."
         ),
         epilog=_EXAMPLE,
     )
