@@ -40,6 +40,27 @@ _LLAMACPP_DEFAULTS = {
     "scaling.yarn_beta_slow": 1.0,
     "scaling.yarn_ext_factor": 1.0,
 }
+# Keys SGLang 0.5.23's get_rope reads from a rope dict (factory.py): a stale one in the config would
+# survive its merge of the overrides, so the export sets those to null.
+_SGLANG_READS = frozenset(
+    {
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "extrapolation_factor",
+        "attn_factor",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+        "low_freq_factor",
+        "high_freq_factor",
+        "short_factor",
+        "long_factor",
+        "short_mscale",
+        "long_mscale",
+    }
+)
 # Keys under {arch}.rope.scaling. that the llama.cpp spelling owns: replaced as a whole in a GGUF copy.
 _SPELLED_SCALING_KEYS = (
     "type",
@@ -209,12 +230,14 @@ def _from_config(
     if scaling is None:
         scaling = declaration.scaling()
     dim = rotary_dim if rotary_dim is not None else _rotary_dim(raw, declaration.partial_rotary_factor)
+    # convert_hf_to_gguf.py writes Llama and Mistral checkpoints as GGUF architecture "llama".
+    arch = "llama" if raw.get("model_type") in ("llama", "mistral") else None
     return _Source(
         label=label,
         reference=reference,
         scaling=scaling,
         declared=declaration.rope,
-        model=M.ServeModel(rope_theta=declaration.rope_theta, rotary_dim=dim),
+        model=M.ServeModel(rope_theta=declaration.rope_theta, rotary_dim=dim, architecture=arch),
         partial_rotary_factor=declaration.partial_rotary_factor,
         max_position_embeddings=declaration.max_position_embeddings,
     )
@@ -571,7 +594,7 @@ def _sglang(
 ) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...], list[str]]:
     rope = _rope_dict(spelled, src, "sglang")
     notes: list[str] = []
-    stale = [key for key in (src.declared or {}) if key not in rope and key not in ("type", "rope_type")]
+    stale = [key for key in (src.declared or {}) if key not in rope and key in _SGLANG_READS]
     for key in stale:
         rope[key] = None
     if stale:
