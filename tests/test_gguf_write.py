@@ -352,3 +352,14 @@ def test_smollm2_copy_is_byte_for_byte_and_loads_patched(tmp_path):
     info = yarn_rope.patch_info(model)
     assert info is not None and info.scaling == result.scaling
     assert model.config.max_position_embeddings == 16384
+
+
+def test_settings_key_agrees_with_keys_left_at_llamacpps_defaults(tmp_path, caplog):
+    source = _tiny(tmp_path / "in.gguf")
+    result = export(source, "gguf", out=tmp_path / "mid.gguf", progress=False, factor=3.0, beta_fast=64.0)
+    removed = ["llama.rope.scaling.attn_factor", "llama.rope.scaling.yarn_beta_slow"]  # 1.0 and 1.0
+    write_copy(tmp_path / "mid.gguf", tmp_path / "out.gguf", fields={}, remove=removed, progress=False)
+    with caplog.at_level(logging.WARNING, logger="yarn_rope.methods"):
+        plan = yarn_rope.plan_load(tmp_path, gguf_file="out.gguf")
+    assert plan.scaling == result.scaling
+    assert not [r for r in caplog.records if M.GGUF_SETTINGS_KEY in r.getMessage()]

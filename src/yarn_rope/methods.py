@@ -1188,8 +1188,10 @@ def _stored_settings(
         logger.warning("GGUF %s: ignoring %s (%s); reading llama.cpp's keys", arch, GGUF_SETTINGS_KEY, error)
         return None
     rope_prefix = f"{arch}.rope."
+    defaults = {"scaling.attn_factor": 1.0, "scaling.yarn_ext_factor": 1.0}
+    defaults |= {"scaling.yarn_beta_fast": F.DEFAULT_BETA_FAST, "scaling.yarn_beta_slow": F.DEFAULT_BETA_SLOW}
     for key, value in keys.items():
-        found = metadata.get(rope_prefix + key)
+        found = metadata.get(rope_prefix + key, defaults.get(key))
         if key == "scaling.type" and value == "none" and found is None:
             continue
         agrees = (
