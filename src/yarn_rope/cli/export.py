@@ -146,19 +146,26 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("--out", default=None, metavar="OUT.gguf", help="--to gguf: the copy to write")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file inside the SOURCE folder")
+    parser.add_argument(
+        "--gguf-file", default=None, metavar="NAME", help="GGUF file inside the SOURCE folder"
+    )
     for flag, field, kind in _SETTING_FLAGS:
         parser.add_argument(
             flag,
             dest=field,
             type=kind,
             default=None,
+            metavar={str: "NAME", int: "N", float: "X"}[kind],
             help=M.SETTINGS[field].doc
             if field in M.SETTINGS
             else "scaling method (default: the source's, else yarn)",
         )
     parser.add_argument(
-        "--context-length", type=int, default=None, help="context to allow (default: what the settings serve)"
+        "--context-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="context to allow (default: what the settings serve)",
     )
     parser.add_argument(
         "--allow-approximation",
@@ -166,10 +173,18 @@ def register(commands: Any) -> None:
         help="serve the closest static setting the engine computes, printing the largest differences",
     )
     parser.add_argument(
-        "--rope-theta", type=float, default=None, help="the model's RoPE base, if SOURCE states none"
+        "--rope-theta",
+        type=float,
+        default=None,
+        metavar="X",
+        help="the model's RoPE base, if SOURCE states none",
     )
     parser.add_argument(
-        "--rotary-dim", type=int, default=None, help="rotated dimensions per head, if SOURCE states none"
+        "--rotary-dim",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rotated dimensions per head, if SOURCE states none",
     )
     parser.add_argument(
         "--progress",
