@@ -188,6 +188,25 @@ def llamacpp_attention(python: dict[str, Any], file_attn_factor: float = 1.0) ->
     return _get_mscale(factor) * attn
 
 
+def llamacpp_rope(python: dict[str, Any], dim: int, base: float) -> tuple[torch.Tensor, float]:
+    """llama.cpp 0c1e57098 from llama_cpp.Llama keywords: ggml-cpu/ops.cpp rope_yarn and
+    ggml.c ggml_rope_yarn_corr_dims (floor/ceil always), llama-context.cpp for the attention."""
+    kind = python.get("rope_scaling_type", 0)
+    base = python.get("rope_freq_base", base)
+    freq_scale = python.get("rope_freq_scale", 1.0) if kind != 0 else 1.0
+    extrap = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    if kind != 2:  # none / linear: ext_factor 0, theta_interp, scale = attn_factor
+        return extrap * freq_scale, 1.0
+    rope = {
+        "factor": 1.0 / freq_scale,
+        "original_max_position_embeddings": python["yarn_orig_ctx"],
+        "beta_fast": python.get("yarn_beta_fast", 32.0),
+        "beta_slow": python.get("yarn_beta_slow", 1.0),
+    }
+    table = _ramp_table(rope, dim, base, extrapolation=python.get("yarn_ext_factor", 1.0), truncate=True)
+    return table, llamacpp_attention(python)
+
+
 def assert_same(table: torch.Tensor, scale: float, scaling: yarn_rope.RopeScaling, dim: int = DIM) -> None:
     wanted, wanted_scale = scaling.inv_freq(dim, base=BASE)
     torch.testing.assert_close(table, wanted, rtol=2e-7, atol=0)
@@ -292,6 +311,14 @@ def test_sglang_reads_the_exact_table(example):
     assert_same(table, scale, scaling)
     assert json.loads(result.python["json_model_override_args"]) == result.settings
     assert result.command[:3] == ("python", "-m", "sglang.launch_server")
+
+
+@pytest.mark.parametrize("example", [name for name in EXAMPLES if EXAMPLES[name]["method"] != "llama3"])
+def test_llamacpp_reads_the_exact_table(example):
+    scaling = yarn_rope.RopeScaling(**EXAMPLES[example])
+    result = export(scaling, "llama.cpp", rope_theta=BASE, rotary_dim=DIM)
+    table, scale = llamacpp_rope(result.python, DIM, BASE)
+    assert_same(table, scale, scaling)
 
 
 def test_yarn_mistral_translations():
