@@ -24,6 +24,7 @@ LAYERS = [
     "patch",
     "gguf",
     "loading",
+    "export",
     "eval",
     "finetune",
     "cli",

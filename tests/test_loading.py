@@ -1011,7 +1011,8 @@ _FULL_YARN = {
                 "beta_fast": 64.0,
                 "beta_slow": 2.0,
                 "extrapolation_factor": 0.5,
-                "mscale_coefficient": pytest.approx(0.07, rel=1e-7),  # stored as float32
+                # yarn_log_multiplier is DeepSeek's mscale_all_dim, which llama.cpp reads only for
+                # deepseek2/deepseek32/mistral3/mistral4 files: ignored in a llama file (test_gguf_write.py).
             },
         ),
         (
@@ -1021,7 +1022,8 @@ _FULL_YARN = {
                 "llama.rope.scaling.factor": 2.0,
                 "llama.rope.scaling.yarn_attn_factor": 1.5,
             },
-            {"type": "yarn", "factor": 2.0, "attn_factor": 1.5},
+            # llama.cpp overwrites yarn_attn_factor whenever YaRN is on: ignored (test_gguf_write.py).
+            {"type": "yarn", "factor": 2.0},
         ),
         ("llama", {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, None),
         ("llama", {}, None),
@@ -1033,7 +1035,7 @@ _FULL_YARN = {
             {"type": "linear", "factor": 4.0},
         ),
     ],
-    ids=["full-yarn", "attn-factor", "type-none", "no-keys", "other-arch-keys", "qwen2-linear"],
+    ids=["full-yarn", "yarn-attn-factor-ignored", "type-none", "no-keys", "other-arch-keys", "qwen2-linear"],
 )
 def test_gguf_field_mapping(tmp_path, arch, scaling, expected):
     path = tmp_path / "tiny.gguf"

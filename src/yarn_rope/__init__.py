@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import eval as eval  # yarn_rope.eval (kept out of __all__: it would shadow the builtin)
 from .cache import UnsupportedCacheError
 from .config import RopeScaling
+from .export import Approximation, ExportResult, export
 from .frequencies import (
     default_inv_freq,
     dynamic_factor,
@@ -40,6 +41,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "METHODS",
+    "Approximation",
+    "ExportResult",
     "LoadPlan",
     "MethodSpec",
     "PatchInfo",
@@ -51,6 +54,7 @@ __all__ = [
     "default_inv_freq",
     "dynamic_factor",
     "dynamic_ntk_inv_freq",
+    "export",
     "from_pretrained",
     "inv_freq",
     "linear_inv_freq",

@@ -1,20 +1,27 @@
-"""GGUF files (llama.cpp's format): read their metadata, with clear errors for broken files.
+"""GGUF files (llama.cpp's format): read their metadata, and copy them with new metadata.
 
 transformers drops YaRN metadata when it opens a GGUF file (it rebuilds rope scaling from GGUF
 only for gpt-oss), so yarn_rope reads ``{arch}.rope.scaling.*`` itself; what the keys mean is
-the registry's llama.cpp spelling (:func:`yarn_rope.methods.from_gguf_metadata`). Needs the
-``gguf`` package (``pip install 'yarn-rope[gguf]'``), imported only when a file is read.
+the registry's llama.cpp spelling (:func:`yarn_rope.methods.from_gguf_metadata`).
+:func:`write_copy` writes a copy of a file with metadata keys set or removed and every tensor
+copied byte for byte (never re-quantized), atomically. Needs the ``gguf`` package
+(``pip install 'yarn-rope[gguf]'``), imported only when a file is read or written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GGUF_EXTRA", "GGUFMetadata", "read_metadata"]
+from ._progress import progress_bar
+
+__all__ = ["GGUF_EXTRA", "GGUFCopy", "GGUFMetadata", "read_metadata", "write_copy"]
 
 GGUF_EXTRA = "pip install 'yarn-rope[gguf]'"
 _MAGIC = b"GGUF"
@@ -82,3 +89,152 @@ def read_metadata(path: str | os.PathLike[str]) -> GGUFMetadata:
             f"{path} is a truncated or corrupt GGUF file ({type(error).__name__}: {error}); download it again"
         ) from None
     return GGUFMetadata(path=path, fields=fields, tensor_elements=elements, tensor_count=len(tensors))
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFCopy:
+    """What :func:`write_copy` wrote.
+
+    Attributes:
+        source: the file copied.
+        path: the copy.
+        tensor_count: tensors copied (byte for byte).
+        tensor_bytes: their data bytes.
+        changed: metadata keys set -> new value.
+        removed: metadata keys left out.
+    """
+
+    source: Path
+    path: Path
+    tensor_count: int
+    tensor_bytes: int
+    changed: dict[str, Any]
+    removed: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": str(self.source),
+            "path": str(self.path),
+            "tensor_count": self.tensor_count,
+            "tensor_bytes": self.tensor_bytes,
+            "changed": dict(self.changed),
+            "removed": list(self.removed),
+        }
+
+
+def _value_type(gguf: Any, key: str, value: Any) -> Any:
+    """The GGUF type of a new key from its Python value (the type llama.cpp's writer uses for it)."""
+    if isinstance(value, bool):
+        return gguf.GGUFValueType.BOOL
+    if isinstance(value, int):
+        return gguf.GGUFValueType.UINT32
+    if isinstance(value, float):
+        return gguf.GGUFValueType.FLOAT32
+    if isinstance(value, str):
+        return gguf.GGUFValueType.STRING
+    raise TypeError(f"GGUF key {key}: value {value!r} must be a bool, int, float or str")
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    if second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
+
+
+def write_copy(
+    source: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    *,
+    fields: Mapping[str, Any],
+    remove: Iterable[str] = (),
+    progress: bool | None = None,
+) -> GGUFCopy:
+    """A copy of a GGUF file with metadata keys set or removed; tensors copied byte for byte.
+
+    Keys already in the file keep their GGUF type; new ones get llama.cpp's types (``int`` ->
+    uint32, ``float`` -> float32, ``str``, ``bool``). Tensor data, shapes, quantization types,
+    the tensor order and the file's alignment are kept as they are. The copy is written to a
+    temporary file in the destination's folder and moved into place with ``os.replace``, so an
+    interrupted run never leaves a half-written file at ``destination``.
+
+    Args:
+        source: the GGUF file to copy.
+        destination: where to write the copy (replaced if it exists; never ``source`` itself).
+        fields: metadata key -> value to set.
+        remove: metadata keys to leave out (absent ones are ignored).
+        progress: show a progress bar over the tensor bytes (``None``: only on a terminal).
+
+    Returns:
+        :class:`GGUFCopy`.
+
+    Raises:
+        ValueError: ``destination`` is ``source`` (or the same file by another path), a folder, or
+            ``general.architecture`` is among the keys; ``source`` is not a valid GGUF file.
+        FileNotFoundError: ``source`` is missing, or the destination's folder.
+        ImportError: the ``gguf`` package is missing.
+    """
+    source, destination = Path(source), Path(destination)
+    read_metadata(source)  # clear errors for a missing, foreign or truncated file
+    if _same_file(source, destination):
+        raise ValueError(f"refusing to overwrite the input {source}: pass another output path (--out)")
+    if destination.is_dir():
+        raise ValueError(
+            f"output {destination} is a folder; pass a file name such as {destination / source.name}"
+        )
+    if not destination.parent.is_dir():
+        raise FileNotFoundError(f"no folder {destination.parent} for the output {destination}")
+    removed = tuple(dict.fromkeys(remove))
+    if "general.architecture" in fields or "general.architecture" in removed:
+        raise ValueError("general.architecture cannot be changed in a copy: it names every other key")
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    arch = reader.fields["general.architecture"].contents()
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
+    )
+    os.close(handle)
+    try:
+        writer = gguf.GGUFWriter(temporary, arch=arch, endianess=reader.endianess)
+        writer.data_alignment = reader.alignment
+        pending = dict(fields)
+        present: list[str] = []
+        for field in reader.fields.values():
+            if field.name == "general.architecture" or field.name.startswith("GGUF."):
+                continue  # written by GGUFWriter itself
+            if field.name in removed:
+                present.append(field.name)
+                continue
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            value = pending.pop(field.name) if field.name in pending else field.contents()
+            writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
+        for key, value in pending.items():
+            writer.add_key_value(key, value, _value_type(gguf, key, value))
+        total = 0
+        for tensor in reader.tensors:
+            writer.add_tensor_info(
+                tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
+            )
+            total += int(tensor.n_bytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with progress_bar(total, desc="copying tensors", unit="B", unit_scale=True, enabled=progress) as bar:
+            for tensor in reader.tensors:
+                writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+                bar.update(int(tensor.n_bytes))
+        writer.close()
+        os.replace(temporary, destination)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return GGUFCopy(
+        source=source,
+        path=destination,
+        tensor_count=len(reader.tensors),
+        tensor_bytes=total,
+        changed=dict(fields),
+        removed=tuple(present),
+    )

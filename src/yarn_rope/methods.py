@@ -20,6 +20,8 @@ setting in :data:`SETTINGS` (and as a field of ``RopeScaling``), and register a
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
@@ -249,7 +251,8 @@ class MethodSpec:
         attention: ``(settings, factor or None) -> attention scaling``; ``None``: always 1.
         context: ``settings -> config.max_position_embeddings`` once in force; ``None``: the
             stated target, else ``factor * original``.
-        engines: per-engine spellings for serving (filled by :mod:`yarn_rope.export`).
+        engines: how each serving engine spells the method (``"vllm"``, ``"sglang"``,
+            ``"llama.cpp"`` -> :class:`EngineSpelling`), used by :mod:`yarn_rope.export`.
     """
 
     name: str
@@ -270,7 +273,7 @@ class MethodSpec:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     attention: Callable[[Settings, float | None], float] | None = None
     context: Callable[[Settings], int | None] | None = None
-    engines: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    engines: Mapping[str, EngineSpelling] = dataclasses.field(default_factory=dict)
 
     @property
     def accepted(self) -> frozenset[str]:
@@ -966,24 +969,117 @@ def inv_freq(method: str, dim: int, *, base: float, **params: Any) -> tuple[torc
 # ------------------------------------------------------------------------------------------------
 # llama.cpp / GGUF spelling
 # ------------------------------------------------------------------------------------------------
+#
+# Checked against the llama.cpp that llama-cpp-python 0.3.36 vendors (ggml-org/llama.cpp@0c1e57098):
+# src/llama-model.cpp (load_hparams: the keys every architecture reads), src/models/*.cpp (the keys
+# only some read), src/llama-context.cpp (the YaRN attention factor), ggml/src/ggml-cpu/ops.cpp
+# (rope_yarn) and convert_hf_to_gguf.py / conversion/*.py (what converters write).
 
-#: GGUF metadata keys under ``{arch}.rope.scaling.`` (llama.cpp's spelling, the ``gguf`` package's
-#: ``Keys.Rope``) -> yarn_rope setting.
+logger = logging.getLogger(__name__)
+
+LLAMACPP_RELEASE = "0c1e57098 (vendored by llama-cpp-python 0.3.36)"
+"""The llama.cpp source the GGUF reading and the llama.cpp spelling were checked against."""
+
+#: GGUF metadata keys under ``{arch}.rope.scaling.`` that yarn_rope reads as settings.
+#: ``attn_factor`` (llama.cpp's ``hparams.rope_attn_factor``) multiplies the cos/sin scale whatever
+#: the method; ``yarn_ext_factor`` is the extrapolation weight's multiplier (1 in the paper; a file
+#: with it equal to the factor is a converter bug). ``yarn_attn_factor`` and ``yarn_log_multiplier``
+#: are handled apart (:func:`from_gguf_metadata`).
 GGUF_SCALING_KEYS: dict[str, str] = {
     "factor": "factor",
     "original_context_length": "original_max_position_embeddings",
     "finetuned": "finetuned",
     "attn_factor": "attn_factor",
-    "yarn_attn_factor": "attn_factor",
     "yarn_beta_fast": "beta_fast",
     "yarn_beta_slow": "beta_slow",
     "yarn_ext_factor": "extrapolation_factor",
-    "yarn_log_multiplier": "mscale_coefficient",
 }
+
+#: Keys llama.cpp reads only for some architectures (``load_arch_hparams`` in src/models/<arch>.cpp);
+#: every other architecture uses llama.cpp's defaults (betas 32/1, extrapolation 1 under YaRN), so
+#: a file's values reach those only as command-line flags.
+LLAMACPP_ARCH_KEYS: dict[str, frozenset[str]] = {
+    "yarn_beta_fast": frozenset({"grok", "mistral3"}),
+    "yarn_beta_slow": frozenset({"grok", "mistral3"}),
+    "yarn_ext_factor": frozenset({"grok"}),
+    "yarn_attn_factor": frozenset({"grok"}),
+    "yarn_log_multiplier": frozenset({"deepseek2", "deepseek32", "mistral4", "mistral3"}),
+}
+# Loaders that divide yarn_log_multiplier by 0.1: their converter writes 0.1 * mscale_all_dim
+# (llama.cpp [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX], PR #17945).
+_LOG_MULTIPLIER_IN_TENTHS = frozenset({"deepseek2", "deepseek32", "mistral4"})
+
+#: GGUF key where yarn_rope keeps its exact settings beside llama.cpp's (float32) keys, as JSON: a
+#: rope dict ``{"rope_type": "yarn_rope.<method>", ...}`` that reads back to the same settings.
+GGUF_SETTINGS_KEY = "yarn_rope.rope_scaling"
+
+#: llama.cpp command-line flag and ``llama_cpp.Llama`` keyword of each key under ``{arch}.rope.``
+#: (common/arg.cpp; llama-cpp-python 0.3.36 ``Llama.__init__``). ``scaling.attn_factor`` has no
+#: flag: ``--yarn-attn-factor`` is overwritten whenever YaRN is on (src/llama-context.cpp), so it
+#: is passed as ``--override-kv`` / ``kv_overrides``.
+LLAMACPP_FLAGS: dict[str, tuple[str, str]] = {
+    "scaling.type": ("--rope-scaling", "rope_scaling_type"),
+    "scaling.factor": ("--rope-scale", "rope_freq_scale"),
+    "scaling.original_context_length": ("--yarn-orig-ctx", "yarn_orig_ctx"),
+    "scaling.yarn_ext_factor": ("--yarn-ext-factor", "yarn_ext_factor"),
+    "scaling.yarn_beta_fast": ("--yarn-beta-fast", "yarn_beta_fast"),
+    "scaling.yarn_beta_slow": ("--yarn-beta-slow", "yarn_beta_slow"),
+    "freq_base": ("--rope-freq-base", "rope_freq_base"),
+}
+#: ``llama_cpp.LLAMA_ROPE_SCALING_TYPE_*`` values (include/llama.h).
+LLAMACPP_SCALING_TYPES: dict[str, int] = {"none": 0, "linear": 1, "yarn": 2}
+
+
+def llamacpp_log_mscales(arch: str | None, multiplier: float | None) -> tuple[float, float] | None:
+    """``(mscale, mscale_all_dim)`` llama.cpp derives from ``yarn_log_multiplier``; ``None`` where unread.
+
+    DeepSeek's ``mscale_all_dim`` (not a slope of YaRN's temperature): deepseek2-style loaders read
+    ``0.1 * mscale_all_dim`` and divide it back; ``mistral3`` reads it as is. ``llama_context``
+    then scales cos/sin by ``get_mscale(s, mscale) / get_mscale(s, mscale_all_dim)`` with
+    ``mscale = mscale_all_dim`` for deepseek2 and 1 elsewhere (src/llama-context.cpp).
+    """
+    if arch not in LLAMACPP_ARCH_KEYS["yarn_log_multiplier"] or not multiplier:
+        return None
+    all_dim = float(multiplier) / 0.1 if arch in _LOG_MULTIPLIER_IN_TENTHS else float(multiplier)
+    return (all_dim if arch == "deepseek2" else 1.0), all_dim
+
+
+def llamacpp_attention_base(factor: float, arch: str | None, multiplier: float | None) -> float:
+    """What llama.cpp multiplies cos/sin by under YaRN when the GGUF ``attn_factor`` is 1.
+
+    ``0.1 ln(s) + 1`` (ggml's ``rope_yarn`` multiplies ``1 + 0.1 ln(1/freq_scale)``, which
+    ``llama_context`` cancels and replaces by ``get_mscale``), or the DeepSeek ratio where the
+    architecture reads ``yarn_log_multiplier``.
+    """
+    pair = llamacpp_log_mscales(arch, multiplier)
+    if pair is None:
+        return F.yarn_mscale(factor)
+    return F.yarn_mscale(factor, pair[0]) / F.yarn_mscale(factor, pair[1])
+
+
+def lossless_dict(method: str, settings: Settings) -> dict[str, Any]:
+    """``{"rope_type": "yarn_rope.<method>", ...}`` with every non-default setting: reads back exactly."""
+    spec = get(method)
+    out: dict[str, Any] = {"rope_type": PREFIX + spec.name}
+    for name, setting in SETTINGS.items():
+        value = settings.get(name, setting.default)
+        if value is None or (name not in CONTEXT_SETTINGS and value == setting.default):
+            continue
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def from_gguf_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``config.json``-like dict of the rope settings in GGUF metadata.
+    """A ``config.json``-like dict of the rope settings in GGUF metadata, as llama.cpp reads them.
+
+    * ``yarn_log_multiplier`` is DeepSeek's ``mscale_all_dim`` (not YaRN's temperature slope),
+      read only by the architectures that read it (:func:`llamacpp_log_mscales`); elsewhere it
+      is ignored with a warning, as llama.cpp ignores it.
+    * ``yarn_attn_factor`` is ignored with a warning: llama.cpp overwrites it whenever YaRN is on
+      (src/llama-context.cpp), and converters write transformers' ``attention_factor`` (a
+      *replacement*) or the authors' ``attn_factor`` (a *multiplier*) there alike.
+    * a :data:`GGUF_SETTINGS_KEY` written by :func:`yarn_rope.export` gives the exact settings,
+      when it agrees with llama.cpp's own keys (else it is ignored with a warning).
 
     Args:
         metadata: GGUF key -> value (``general.architecture``, ``{arch}.context_length``,
@@ -1007,7 +1103,33 @@ def from_gguf_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
                 scaling[ours] = found
         if scaling.get("attn_factor") == 1.0:
             del scaling["attn_factor"]  # llama.cpp writes 1.0 for "not set"
-    out: dict[str, Any] = {"rope_scaling": scaling}
+        ignored = metadata.get(prefix + "yarn_attn_factor")
+        if ignored is not None and ignored != 1.0 and rope_type == "yarn":
+            logger.warning(
+                "GGUF %s: ignoring %syarn_attn_factor=%s: llama.cpp %s overwrites it whenever YaRN is on, "
+                "and converters write transformers' attention_factor (which replaces the attention "
+                "scaling) or the authors' attn_factor (which multiplies it) there alike; pass "
+                "attention_factor= or attn_factor= if the model needs one",
+                arch,
+                prefix,
+                ignored,
+                LLAMACPP_RELEASE,
+            )
+        multiplier = metadata.get(prefix + "yarn_log_multiplier")
+        pair = llamacpp_log_mscales(arch, multiplier)
+        if pair is not None:
+            scaling["mscale"], scaling["mscale_all_dim"] = pair
+        elif multiplier:
+            logger.warning(
+                "GGUF %s: ignoring %syarn_log_multiplier=%s, as llama.cpp does for this architecture (it "
+                "is DeepSeek's mscale_all_dim, read only by %s)",
+                arch,
+                prefix,
+                multiplier,
+                ", ".join(sorted(LLAMACPP_ARCH_KEYS["yarn_log_multiplier"])),
+            )
+    stored = _stored_settings(metadata, arch, scaling)
+    out: dict[str, Any] = {"rope_scaling": stored if stored is not None else scaling}
     context = metadata.get(f"{arch}.context_length")
     if context is not None:
         out["max_position_embeddings"] = context
@@ -1015,3 +1137,550 @@ def from_gguf_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if theta is not None:
         out["rope_theta"] = theta
     return out
+
+
+def _stored_settings(
+    metadata: Mapping[str, Any], arch: str, read: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The exact settings of :data:`GGUF_SETTINGS_KEY` if they agree with llama.cpp's keys."""
+    text = metadata.get(GGUF_SETTINGS_KEY)
+    if text is None:
+        return None
+    try:
+        stored = json.loads(str(text))
+        method = str(stored["rope_type"]).removeprefix(PREFIX)
+        values = validate(method, {k: v for k, v in stored.items() if k != "rope_type"})
+        spelled = get(method).engines["llama.cpp"]
+        if spelled.write is None or spelled.loses(values) is not None:
+            raise ValueError(f"llama.cpp cannot compute method {method!r}")
+        model = ServeModel(
+            architecture=arch, log_multiplier=metadata.get(f"{arch}.rope.scaling.yarn_log_multiplier")
+        )
+        keys = spelled.write(values, model).rope
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        logger.warning("GGUF %s: ignoring %s (%s); reading llama.cpp's keys", arch, GGUF_SETTINGS_KEY, error)
+        return None
+    rope_prefix = f"{arch}.rope."
+    defaults = {"scaling.attn_factor": 1.0, "scaling.yarn_ext_factor": 1.0}
+    defaults |= {"scaling.yarn_beta_fast": F.DEFAULT_BETA_FAST, "scaling.yarn_beta_slow": F.DEFAULT_BETA_SLOW}
+    for key, value in keys.items():
+        found = metadata.get(rope_prefix + key, defaults.get(key))
+        if key == "scaling.type" and value == "none" and found is None:
+            continue
+        agrees = (
+            found == value
+            if isinstance(value, str) or found is None
+            else math.isclose(float(found), float(value), rel_tol=1e-6)
+        )
+        if not agrees:
+            logger.warning(
+                "GGUF %s: %s says %s=%r but the file holds %r (edited by another tool?); reading "
+                "llama.cpp's keys",
+                arch,
+                GGUF_SETTINGS_KEY,
+                rope_prefix + key,
+                value,
+                found,
+            )
+            return None
+    if read is None and method != "none":
+        logger.warning(
+            "GGUF %s: %s names %r but the file declares no scaling; reading llama.cpp's keys",
+            arch,
+            GGUF_SETTINGS_KEY,
+            method,
+        )
+        return None
+    return dict(stored)
+
+
+# ------------------------------------------------------------------------------------------------
+# Serving engines: how vLLM, SGLang and llama.cpp spell each method (yarn_rope.export)
+# ------------------------------------------------------------------------------------------------
+#
+# Each spelling was checked against the source of the release named in ENGINES. An engine that
+# computes something else for a setting is never handed it silently: ``loses`` says what would be
+# lost, and ``closest`` offers the static settings the engine computes exactly, for
+# ``allow_approximation`` (the export measures how far each is and picks the nearest).
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRelease:
+    """A serving engine and the release whose source its spellings were checked against.
+
+    Attributes:
+        name: the export target (``"vllm"``, ``"sglang"``, ``"llama.cpp"``).
+        title: how people write it.
+        release: the release read.
+        checked: the files read in it.
+    """
+
+    name: str
+    title: str
+    release: str
+    checked: str
+
+
+ENGINES: dict[str, EngineRelease] = {
+    "vllm": EngineRelease(
+        "vllm",
+        "vLLM",
+        "0.33.0",
+        "vllm/model_executor/layers/rotary_embedding/__init__.py (get_rope), yarn_scaling_rope.py, "
+        "phi3_long_rope_scaled_rope.py; vllm/config/model.py (hf_overrides, _get_and_verify_max_len)",
+    ),
+    "sglang": EngineRelease(
+        "sglang",
+        "SGLang",
+        "0.5.23",
+        "python/sglang/srt/layers/rotary_embedding/factory.py (get_rope), yarn.py; "
+        "srt/configs/model_config.py (_derive_context_length); srt/utils/hf_transformers/config.py "
+        "(json_model_override_args)",
+    ),
+    "llama.cpp": EngineRelease(
+        "llama.cpp",
+        "llama.cpp",
+        LLAMACPP_RELEASE,
+        "src/llama-context.cpp (YaRN attention factor), src/llama-model.cpp and src/models/*.cpp (GGUF "
+        "keys), ggml/src/ggml-cpu/ops.cpp (rope_yarn), common/arg.cpp (flags)",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeModel:
+    """What a spelling needs to know about the model besides its scaling.
+
+    Attributes:
+        rope_theta: the model's RoPE base (NTK-aware scaling is served as a new base).
+        rotary_dim: the rotated dimensions per head (head dim times the partial-rotary fraction).
+        architecture: GGUF ``general.architecture`` of the file llama.cpp serves.
+        log_multiplier: that file's ``rope.scaling.yarn_log_multiplier`` (DeepSeek), if any.
+    """
+
+    rope_theta: float | None = None
+    rotary_dim: int | None = None
+    architecture: str | None = None
+    log_multiplier: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """One engine's spelling of one scaling.
+
+    Attributes:
+        rope: vLLM / SGLang: the ``rope_parameters`` dict; llama.cpp: GGUF keys under
+            ``{arch}.rope.`` (``scaling.type``, ``scaling.factor``, ``freq_base``, ...).
+        rope_theta: a RoPE base that replaces the model's (NTK-aware scaling), else ``None``.
+        notes: one line per setting that needed translating into the engine's terms.
+    """
+
+    rope: dict[str, Any]
+    rope_theta: float | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpelling:
+    """How one engine (the release in :data:`ENGINES`) spells one method.
+
+    Attributes:
+        write: ``(settings, model) -> EngineSettings``; called only when ``loses`` is ``None``.
+        loses: ``settings -> what the engine would lose`` (one line), ``None`` when it computes
+            exactly these settings.
+        closest: ``(settings, context) -> ((method, settings), ...)``: static settings the engine
+            computes exactly, nearest candidates for ``allow_approximation``; ``None``: none.
+    """
+
+    write: Callable[[Settings, ServeModel], EngineSettings] | None
+    loses: Callable[[Settings], str | None]
+    closest: Callable[[Settings, int | None], tuple[tuple[str, dict[str, Any]], ...]] | None = None
+
+
+def _exact(s: Settings) -> str | None:
+    return None
+
+
+def _plain(engine: str) -> Callable[[Settings, ServeModel], EngineSettings]:
+    def write(s: Settings, model: ServeModel) -> EngineSettings:
+        if engine == "llama.cpp":
+            return EngineSettings({"scaling.type": "none"})
+        return EngineSettings({"rope_type": "default"})
+
+    return write
+
+
+def _linear(engine: str) -> Callable[[Settings, ServeModel], EngineSettings]:
+    def write(s: Settings, model: ServeModel) -> EngineSettings:
+        if engine == "llama.cpp":
+            return EngineSettings({"scaling.type": "linear", "scaling.factor": s["factor"]})
+        return EngineSettings({"rope_type": "linear", "factor": s["factor"]})
+
+    return write
+
+
+def _ntk_theta(factor: float, model: ServeModel) -> float:
+    if model.rotary_dim is None or model.rope_theta is None:
+        raise ValueError(
+            "NTK-aware scaling is served as plain RoPE with the base rope_theta * factor^(d / (d - 2)), "
+            "which needs the model's rotary dimension d and rope_theta: pass rotary_dim= and rope_theta="
+        )
+    return F._ntk_base(model.rotary_dim, model.rope_theta, factor)
+
+
+def _ntk(engine: str) -> Callable[[Settings, ServeModel], EngineSettings]:
+    def write(s: Settings, model: ServeModel) -> EngineSettings:
+        theta = _ntk_theta(s["factor"], model)
+        note = (
+            f"NTK-aware scaling is plain RoPE with base {model.rope_theta:g} * "
+            f"{s['factor']:g}^({model.rotary_dim}/{model.rotary_dim - 2 if model.rotary_dim else 0}) = "
+            f"{theta:.9g}"
+        )
+        if engine == "llama.cpp":
+            return EngineSettings(
+                {"scaling.type": "none", "freq_base": theta}, rope_theta=theta, notes=(note,)
+            )
+        own = " (vLLM's own 'ntk' type computes another formula)" if engine == "vllm" else ""
+        return EngineSettings({"rope_type": "default"}, rope_theta=theta, notes=(note + own,))
+
+    return write
+
+
+def _attention_formula(s: Settings, factor: float) -> str:
+    """YaRN's attention scaling with these settings, as a formula with its value."""
+    value = yarn_attention_scaling(s, factor)
+    if s["attention_factor"] is not None:
+        return f"attention_factor {value:.9g}"
+    if s["mscale"] and s["mscale_all_dim"]:
+        text = f"mscale ratio {s['mscale']:g}/{s['mscale_all_dim']:g}"
+    else:
+        text = f"{s['mscale_coefficient']:g} ln s + 1"
+    if s["attn_factor"] != 1.0:
+        text = f"{s['attn_factor']:g} x ({text})"
+    return f"{text} = {value:.9g}"
+
+
+def _yarn_rope_keys(s: Settings) -> dict[str, Any]:
+    return {
+        "rope_type": "yarn",
+        "factor": s["factor"],
+        "original_max_position_embeddings": s["original_max_position_embeddings"],
+        "beta_fast": s["beta_fast"],
+        "beta_slow": s["beta_slow"],
+    }
+
+
+def _vllm_yarn(s: Settings, model: ServeModel) -> EngineSettings:
+    factor = s["factor"]
+    rope = _yarn_rope_keys(s)
+    if not s["truncate"]:
+        rope["truncate"] = False
+    for name in ("mscale", "mscale_all_dim"):
+        if s[name] is not None:
+            rope[name] = s[name]  # DeepSeek models also read mscale_all_dim for their softmax scale
+    target = yarn_attention_scaling(s, factor)
+    # yarn_scaling_rope.py: attention_factor if given, elif `mscale and mscale_all_dim` the ratio,
+    # else 0.1 ln s + 1.
+    if s["mscale"] and s["mscale_all_dim"]:
+        own = F.yarn_mscale(factor, s["mscale"]) / F.yarn_mscale(factor, s["mscale_all_dim"])
+    else:
+        own = F.yarn_mscale(factor)
+    notes: list[str] = []
+    if target != own:
+        rope["attention_factor"] = target
+        notes.append(
+            f"attention_factor = {_attention_formula(s, factor)} replaces vLLM's own {own:.9g}; vLLM "
+            "releases that ignore attention_factor (before vLLM #46280 / #48351) read attn_factor instead: "
+            f"attn_factor = {target / F.yarn_mscale(factor):.9g}, which multiplies 0.1 ln s + 1"
+        )
+    return EngineSettings(rope, notes=tuple(notes))
+
+
+def _vllm_yarn_loses(s: Settings) -> str | None:
+    if s["extrapolation_factor"] != 1.0:
+        return (
+            f"extrapolation_factor={s['extrapolation_factor']:g}: vLLM 0.33.0's YaRN has no such setting (it "
+            "always extrapolates fully), so the ramp pairs would be computed with 1"
+        )
+    return None
+
+
+def _sglang_yarn(s: Settings, model: ServeModel) -> EngineSettings:
+    factor = s["factor"]
+    rope = _yarn_rope_keys(s)
+    rope["extrapolation_factor"] = s["extrapolation_factor"]
+    rope["truncate"] = s["truncate"]
+    for name in ("mscale", "mscale_all_dim"):
+        if s[name] is not None:
+            rope[name] = s[name]
+    target = yarn_attention_scaling(s, factor)
+    # yarn.py: the ratio when mscale and mscale_all_dim are both not None, else 0.1 ln s + 1; then
+    # times attn_factor. It never reads attention_factor.
+    if s["mscale"] is not None and s["mscale_all_dim"] is not None:
+        own = F.yarn_mscale(factor, s["mscale"]) / F.yarn_mscale(factor, s["mscale_all_dim"])
+    else:
+        own = F.yarn_mscale(factor)
+    rope["attn_factor"] = target / own
+    notes: tuple[str, ...] = ()
+    if target != own:
+        notes = (
+            f"attn_factor = {target / own:.9g} multiplies SGLang's own {own:.9g} to give "
+            f"{_attention_formula(s, factor)} (SGLang 0.5.23 does not read attention_factor)",
+        )
+    return EngineSettings(rope, notes=notes)
+
+
+def _llamacpp_yarn(s: Settings, model: ServeModel) -> EngineSettings:
+    factor = s["factor"]
+    keys: dict[str, Any] = {
+        "scaling.type": "yarn",
+        "scaling.factor": factor,
+        "scaling.original_context_length": s["original_max_position_embeddings"],
+        "scaling.yarn_beta_fast": s["beta_fast"],
+        "scaling.yarn_beta_slow": s["beta_slow"],
+        "scaling.yarn_ext_factor": s["extrapolation_factor"],
+    }
+    target = yarn_attention_scaling(s, factor)
+    own = llamacpp_attention_base(factor, model.architecture, model.log_multiplier)
+    keys["scaling.attn_factor"] = target / own
+    notes: tuple[str, ...] = ()
+    if target != own:
+        notes = (
+            f"attn_factor = {target / own:.9g} multiplies llama.cpp's own {own:.9g} to give "
+            f"{_attention_formula(s, factor)}; it is the GGUF key {{arch}}.rope.scaling.attn_factor "
+            "(--override-kv): --yarn-attn-factor is overwritten whenever YaRN is on (src/llama-context.cpp)",
+        )
+    return EngineSettings(keys, notes=notes)
+
+
+def _llamacpp_yarn_loses(s: Settings) -> str | None:
+    if not s["truncate"]:
+        return (
+            "truncate=False: ggml always floors and ceils the ramp bounds (ggml_rope_yarn_corr_dims), so "
+            "the fractional bounds would be rounded"
+        )
+    return None
+
+
+def _rope_list(engine: str) -> Callable[[Settings, ServeModel], EngineSettings]:
+    def write(s: Settings, model: ServeModel) -> EngineSettings:
+        attention = _longrope_attention(s, None)
+        rope = {
+            "rope_type": "longrope",
+            "short_factor": list(s["short_factor"]),
+            "long_factor": list(s["long_factor"]),
+            "original_max_position_embeddings": s["original_max_position_embeddings"],
+            "short_mscale": attention,
+            "long_mscale": attention,
+        }
+        note = (
+            f"short_mscale = long_mscale = {attention:.9g}: {ENGINES[engine].title} would otherwise derive "
+            "them from max_position_embeddings / original_max_position_embeddings"
+        )
+        return EngineSettings(rope, notes=(note,))
+
+    return write
+
+
+def _longrope_loses(engine: str) -> Callable[[Settings], str | None]:
+    def loses(s: Settings) -> str | None:
+        if tuple(s["short_factor"]) == tuple(s["long_factor"]):
+            return None
+        if engine == "vllm":
+            how = (
+                "with one list of factors for every sequence (the long ones whenever max_model_len passes "
+                "original_max_position_embeddings), so sequences within the original context would get the "
+                "long factors"
+            )
+        else:
+            how = (
+                "switching a whole batch to the long factors once any position passes "
+                "original_max_position_embeddings, with the keys cached before still rotated by the short "
+                "ones"
+            )
+        return (
+            f"{ENGINES[engine].title} {ENGINES[engine].release} serves LongRoPE {how}; transformers and "
+            "yarn_rope switch per sequence length"
+        )
+
+    return loses
+
+
+def _longrope_closest(s: Settings, context: int | None) -> tuple[tuple[str, dict[str, Any]], ...]:
+    original = s["original_max_position_embeddings"]
+    chosen = s["short_factor"] if context is not None and context <= original else s["long_factor"]
+    fields = {
+        name: s[name]
+        for name in (
+            "factor",
+            "original_max_position_embeddings",
+            "max_position_embeddings",
+            "attention_factor",
+        )
+        if s[name] is not None
+    }
+    return (("longrope", {**fields, "short_factor": chosen, "long_factor": chosen}),)
+
+
+def _llama3(s: Settings, model: ServeModel) -> EngineSettings:
+    return EngineSettings(_write_llama3(s))
+
+
+def _llamacpp_llama3_loses(s: Settings) -> str | None:
+    return (
+        "llama.cpp applies llama3 scaling through a rope_freqs tensor that convert_hf_to_gguf.py writes "
+        "into the GGUF file; no flag or metadata key spells it, and yarn_rope does not add tensors"
+    )
+
+
+def _llama3_closest(s: Settings, context: int | None) -> tuple[tuple[str, dict[str, Any]], ...]:
+    # Llama 3.1 keeps wavelengths below L / high_freq_factor and divides those beyond L / low_freq_factor:
+    # YaRN's ramp between pairs turning beta_fast = high and beta_slow = low times over L, without
+    # attention scaling (its ramp is linear in the pair index, llama3's in the rotation count).
+    return (
+        (
+            "yarn",
+            {
+                "factor": s["factor"],
+                "original_max_position_embeddings": s["original_max_position_embeddings"],
+                "beta_fast": s["high_freq_factor"],
+                "beta_slow": s["low_freq_factor"],
+                "attention_factor": 1.0,
+            },
+        ),
+    )
+
+
+def _llamacpp_longrope_loses(s: Settings) -> str | None:
+    return (
+        "llama.cpp applies LongRoPE through rope_long / rope_short tensors that convert_hf_to_gguf.py "
+        "writes, chosen by the context size, not the sequence; no flag or metadata key spells the per-pair "
+        "factors"
+    )
+
+
+def _no_engine(what: str) -> Callable[[Settings], str | None]:
+    def loses(s: Settings) -> str | None:
+        return what
+
+    return loses
+
+
+_NO_DYNAMIC_YARN = (
+    "no serving engine computes dynamic YaRN: it would serve one static table for every length, so "
+    "sequences within the original context would not get plain RoPE and the factor would not follow the "
+    "sequence length"
+)
+_NO_DYNAMIC_NTK = (
+    "no serving engine grows the NTK base with the sequence (vLLM's and SGLang's 'dynamic' build one table "
+    "at the longest context; llama.cpp has none): it would serve one static base for every length"
+)
+_NO_NTK_BY_PARTS = (
+    "no serving engine computes the authors' two-ramp NTK-by-parts (NTK-aware pairs blended into "
+    "interpolated ones, then unchanged ones blended back)"
+)
+
+
+def _serve_factor(s: Settings, context: int | None) -> float:
+    original: int = s["original_max_position_embeddings"]
+    if s["finetuned"] and s["factor"] is not None:
+        factor: float = s["factor"]
+        return factor
+    target = context if context is not None else _dynamic_yarn_threshold(s) if s["finetuned"] else None
+    if target is None:
+        target = s["max_position_embeddings"]
+    if target is None:
+        raise ValueError(
+            "a static approximation of dynamic scaling needs the context length it serves: pass "
+            "context_length= (--context-length)"
+        )
+    return max(1.0, float(target) / original)
+
+
+def _dynamic_yarn_closest(s: Settings, context: int | None) -> tuple[tuple[str, dict[str, Any]], ...]:
+    fields = {name: s[name] for name in (*_YARN_RAMP, *_YARN_ATTENTION) if s[name] is not None}
+    factor = _serve_factor(s, context)
+    fields.update(factor=factor, original_max_position_embeddings=s["original_max_position_embeddings"])
+    candidates = [("yarn", dict(fields))]
+    if fields.get("extrapolation_factor", 1.0) != 1.0:
+        candidates.append(("yarn", {**fields, "extrapolation_factor": 1.0}))
+    return tuple(candidates)
+
+
+def _dynamic_ntk_closest(s: Settings, context: int | None) -> tuple[tuple[str, dict[str, Any]], ...]:
+    original = s["original_max_position_embeddings"]
+    if context is None:
+        raise ValueError(
+            "a static approximation of dynamic NTK needs the context length it serves: pass context_length= "
+            "(--context-length)"
+        )
+    # dynamic_ntk_inv_freq at seq_len = context: base * ((s * context / L) - (s - 1))^(d / (d - 2)).
+    grown = s["factor"] * max(context, original) / original - (s["factor"] - 1)
+    return (("ntk", {"factor": max(1.0, grown)}),)
+
+
+def _ntk_by_parts_closest(s: Settings, context: int | None) -> tuple[tuple[str, dict[str, Any]], ...]:
+    fields = {
+        "factor": s["factor"],
+        "original_max_position_embeddings": s["original_max_position_embeddings"],
+        "attention_factor": 1.0,  # NTK-by-parts has no attention scaling
+    }
+    # The unchanged pairs end at 16 rotations and the interpolated ones start below 2 or 0.75.
+    return tuple(
+        ("yarn", {**fields, "beta_fast": fast, "beta_slow": slow})
+        for fast, slow in ((16.0, 2.0), (16.0, 1.0), (32.0, 1.0))
+    )
+
+
+def _yarn_static_closest(s: Settings, context: int | None) -> tuple[tuple[str, dict[str, Any]], ...]:
+    fields = {name: s[name] for name in (*_YARN_RAMP, *_YARN_ATTENTION) if s[name] is not None}
+    fields.update(
+        factor=s["factor"],
+        original_max_position_embeddings=s["original_max_position_embeddings"],
+        extrapolation_factor=1.0,
+        truncate=True,
+    )
+    if s["max_position_embeddings"] is not None:
+        fields["max_position_embeddings"] = s["max_position_embeddings"]
+    return (("yarn", fields),)
+
+
+_ENGINE_NAMES = ("vllm", "sglang", "llama.cpp")
+
+
+def _engine_table() -> dict[str, dict[str, EngineSpelling]]:
+    table: dict[str, dict[str, EngineSpelling]] = {}
+    table["none"] = {e: EngineSpelling(_plain(e), _exact) for e in _ENGINE_NAMES}
+    table["linear"] = {e: EngineSpelling(_linear(e), _exact) for e in _ENGINE_NAMES}
+    table["ntk"] = {e: EngineSpelling(_ntk(e), _exact) for e in _ENGINE_NAMES}
+    table["ntk-by-parts"] = {
+        e: EngineSpelling(None, _no_engine(_NO_NTK_BY_PARTS), _ntk_by_parts_closest) for e in _ENGINE_NAMES
+    }
+    table["dynamic-ntk"] = {
+        e: EngineSpelling(None, _no_engine(_NO_DYNAMIC_NTK), _dynamic_ntk_closest) for e in _ENGINE_NAMES
+    }
+    table["yarn"] = {
+        "vllm": EngineSpelling(_vllm_yarn, _vllm_yarn_loses, _yarn_static_closest),
+        "sglang": EngineSpelling(_sglang_yarn, _exact),
+        "llama.cpp": EngineSpelling(_llamacpp_yarn, _llamacpp_yarn_loses, _yarn_static_closest),
+    }
+    table["dynamic-yarn"] = {
+        e: EngineSpelling(None, _no_engine(_NO_DYNAMIC_YARN), _dynamic_yarn_closest) for e in _ENGINE_NAMES
+    }
+    table["llama3"] = {
+        "vllm": EngineSpelling(_llama3, _exact),
+        "sglang": EngineSpelling(_llama3, _exact),
+        "llama.cpp": EngineSpelling(None, _llamacpp_llama3_loses, _llama3_closest),
+    }
+    table["longrope"] = {
+        "vllm": EngineSpelling(_rope_list("vllm"), _longrope_loses("vllm"), _longrope_closest),
+        "sglang": EngineSpelling(_rope_list("sglang"), _longrope_loses("sglang"), _longrope_closest),
+        "llama.cpp": EngineSpelling(None, _llamacpp_longrope_loses),
+    }
+    return table
+
+
+# The spellings join each method's registry entry (defined above them, so filled in here).
+for _name, _spellings in _engine_table().items():
+    _REGISTRY[_name] = dataclasses.replace(_REGISTRY[_name], engines=_spellings)
+del _name, _spellings

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, evaluate, finetune, frequencies, harness, inspection, report, ruler
+from . import demo, evaluate, export, finetune, frequencies, harness, inspection, report, ruler
 
 __all__ = ["build_parser", "main"]
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     harness.register(evaluations)
     report.register(commands)
     finetune.register(commands)
+    export.register(commands)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 
@@ -19,8 +20,11 @@ def _format_bytes(count: int | None) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ..export import export_targets
     from ..loading import plan_load
 
+    if args.gguf_file is None and args.model.endswith(".gguf") and os.path.isfile(args.model):
+        args.model, args.gguf_file = os.path.dirname(args.model) or ".", os.path.basename(args.model)
     plan = plan_load(
         args.model,
         attn_implementation=args.attn_implementation,
@@ -52,6 +56,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"attention:    {plan.attn_implementation} ({plan.attn_reason})")
     print(f"dtype:        {plan.dtype}")
     print(f"weights need: {_format_bytes(plan.weight_bytes)}")
+    for check in export_targets(scaling):  # what `yarn-rope export --to TARGET` would give
+        verdict = "exact" if check.exact else f"would lose: {check.lost}"
+        if not check.exact and check.approximable:
+            verdict += " (--allow-approximation: the closest static setting)"
+        print(f"export {check.target + ':':<14s}{verdict} [{check.engine}]")
     return 0
 
 
@@ -62,7 +71,7 @@ def register(commands: Any) -> None:
         help="what scaling a checkpoint declares and what the loader will do",
         description="Read a checkpoint's config (no weights, no remote code) and print the load plan.",
     )
-    insp.add_argument("model", help="checkpoint folder or Hub name")
+    insp.add_argument("model", help="checkpoint folder, Hub name or GGUF file")
     insp.add_argument("--gguf-file", default=None, help="GGUF file inside the folder")
     insp.add_argument("--attn-implementation", default="auto")
     insp.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])

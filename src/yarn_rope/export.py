@@ -1,0 +1,914 @@
+"""Serve it: the exact rope scaling for vLLM, SGLang, llama.cpp and transformers, and GGUF copies.
+
+A model extended with YaRN is read in transformers but served by an engine that spells the same
+settings its own way, and a misreading is silent: vLLM 0.33 takes ``attention_factor`` (it
+replaces YaRN's ``0.1 ln s + 1``) and no ``attn_factor``, SGLang 0.5.23 takes ``attn_factor``
+(it multiplies) and no ``attention_factor``, llama.cpp overwrites ``--yarn-attn-factor`` whenever
+YaRN is on and multiplies by the GGUF key ``rope.scaling.attn_factor`` instead. :func:`export`
+turns the settings yarn_rope knows into what the named engine release reads, with the context
+length to allow, one note per setting that needed translating, and a refusal (or, asked for, the
+closest static setting with the largest differences measured) for what the engine cannot compute.
+The per-engine spellings live in the method registry (:attr:`yarn_rope.methods.MethodSpec.engines`);
+this module reads sources, picks the context length, measures approximations and renders commands.
+
+``target="gguf"`` writes a copy of a GGUF file with the scaling in its metadata (llama.cpp's keys,
+the context length, and yarn_rope's exact settings), tensors copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import _compat
+from . import frequencies as F
+from . import methods as M
+from .config import RopeScaling, original_length_fallback, read_rope
+
+__all__ = ["TARGETS", "Approximation", "ExportResult", "TargetCheck", "export", "export_targets"]
+
+#: Export targets: the serving engines of :data:`yarn_rope.methods.ENGINES`, transformers, and a GGUF copy.
+TARGETS: tuple[str, ...] = ("vllm", "sglang", "llama.cpp", "transformers", "gguf")
+
+_LLAMACPP_DEFAULTS = {
+    "scaling.yarn_beta_fast": 32.0,
+    "scaling.yarn_beta_slow": 1.0,
+    "scaling.yarn_ext_factor": 1.0,
+}
+# Keys SGLang 0.5.23's get_rope reads from a rope dict (factory.py): a stale one in the config would
+# survive its merge of the overrides, so the export sets those to null.
+_SGLANG_READS = frozenset(
+    {
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "extrapolation_factor",
+        "attn_factor",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+        "low_freq_factor",
+        "high_freq_factor",
+        "short_factor",
+        "long_factor",
+        "short_mscale",
+        "long_mscale",
+    }
+)
+# Keys under {arch}.rope.scaling. that the llama.cpp spelling owns: replaced as a whole in a GGUF copy.
+_SPELLED_SCALING_KEYS = (
+    "type",
+    "factor",
+    "original_context_length",
+    "attn_factor",
+    "finetuned",
+    "yarn_beta_fast",
+    "yarn_beta_slow",
+    "yarn_ext_factor",
+    "yarn_attn_factor",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Approximation:
+    """The closest static setting an engine computes, in place of one it cannot.
+
+    Attributes:
+        lost: what the engine cannot compute (one line).
+        requested: the settings asked for.
+        table_difference: the largest relative difference of an inverse frequency between the
+            approximation and the requested table, over ``lengths`` (the requested table's
+            sequence lengths, for dynamic methods).
+        attention_difference: the same for the attention scaling.
+        lengths: the sequence lengths compared.
+    """
+
+    lost: str
+    requested: RopeScaling
+    table_difference: float
+    attention_difference: float
+    lengths: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lost": self.lost,
+            "requested": self.requested.to_dict(),
+            "table_difference": self.table_difference,
+            "attention_difference": self.attention_difference,
+            "lengths": list(self.lengths),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What to type or pass to serve a model with its exact rope scaling.
+
+    Attributes:
+        target: one of :data:`TARGETS`.
+        engine: the engine release the spelling was checked against (``"vLLM 0.33.0"``).
+        checked: the files of that release that were read.
+        source: what was exported (a path, ``"settings"``, ``"model"`` or ``"config"``).
+        scaling: the settings the engine will compute (the approximation, when approximated).
+        context_length: the context length to allow (``None``: the model's own).
+        settings: the engine's own spelling: vLLM ``hf_overrides``, SGLang
+            ``json_model_override_args`` (as a dict), llama.cpp / GGUF metadata keys, or the
+            transformers config changes.
+        python: keyword arguments of the engine's Python entry point (``vllm.LLM``,
+            ``sglang.Engine``, ``llama_cpp.Llama``, ``from_pretrained``).
+        command: the command line, one argument per item (empty for transformers).
+        environment: environment variables the command needs (none so far: the context is
+            allowed through the config instead).
+        notes: one line per setting that needed translating, and what to watch.
+        approximation: set when the engine cannot compute the requested settings.
+        output: the GGUF file written (``target="gguf"``).
+    """
+
+    target: str
+    engine: str
+    checked: str
+    source: str
+    scaling: RopeScaling
+    context_length: int | None
+    settings: dict[str, Any]
+    python: dict[str, Any]
+    command: tuple[str, ...]
+    environment: dict[str, str]
+    notes: tuple[str, ...]
+    approximation: Approximation | None = None
+    output: str | None = None
+
+    def command_line(self) -> str:
+        """The command as one shell-quoted line (``""`` when there is none)."""
+        prefix = " ".join(f"{key}={shlex.quote(value)}" for key, value in self.environment.items())
+        line = shlex.join(self.command)
+        return f"{prefix} {line}".strip() if line else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "engine": self.engine,
+            "checked": self.checked,
+            "source": self.source,
+            "scaling": self.scaling.to_dict(),
+            "context_length": self.context_length,
+            "settings": self.settings,
+            "python": self.python,
+            "command": list(self.command),
+            "command_line": self.command_line(),
+            "environment": dict(self.environment),
+            "notes": list(self.notes),
+            "approximation": None if self.approximation is None else self.approximation.to_dict(),
+            "output": self.output,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetCheck:
+    """Whether an export target computes a scaling exactly (``yarn-rope inspect``).
+
+    Attributes:
+        target: one of :data:`TARGETS`.
+        engine: the release checked.
+        exact: whether it computes exactly these settings.
+        lost: what it would lose, when not exact.
+        approximable: whether ``allow_approximation`` offers a closest static setting.
+    """
+
+    target: str
+    engine: str
+    exact: bool
+    lost: str | None
+    approximable: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    label: str
+    reference: str  # how commands name the model
+    scaling: RopeScaling
+    declared: Mapping[str, Any] | None  # the rope dict the source states (SGLang merges into it)
+    model: M.ServeModel
+    partial_rotary_factor: float | None = None
+    max_position_embeddings: int | None = None
+    gguf_path: Path | None = None
+    gguf_fields: Mapping[str, Any] | None = None
+
+
+def _rotary_dim(config: Mapping[str, Any], partial: float | None) -> int | None:
+    head_dim = config.get("head_dim")
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool):
+        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+        if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
+            return None
+        head_dim = hidden // heads
+    return F.rotary_dim(head_dim, partial if partial is not None else 1.0)
+
+
+def _from_config(
+    label: str, reference: str, raw: Mapping[str, Any], scaling: RopeScaling | None, rotary_dim: int | None
+) -> _Source:
+    declaration = read_rope(raw)
+    if scaling is None:
+        scaling = declaration.scaling()
+    dim = rotary_dim if rotary_dim is not None else _rotary_dim(raw, declaration.partial_rotary_factor)
+    # convert_hf_to_gguf.py writes Llama and Mistral checkpoints as GGUF architecture "llama".
+    arch = "llama" if raw.get("model_type") in ("llama", "mistral") else None
+    return _Source(
+        label=label,
+        reference=reference,
+        scaling=scaling,
+        declared=declaration.rope,
+        model=M.ServeModel(rope_theta=declaration.rope_theta, rotary_dim=dim, architecture=arch),
+        partial_rotary_factor=declaration.partial_rotary_factor,
+        max_position_embeddings=declaration.max_position_embeddings,
+    )
+
+
+def _from_gguf(path: Path) -> _Source:
+    from . import gguf
+
+    metadata = gguf.read_metadata(path)
+    fields = metadata.fields
+    arch = metadata.architecture
+    config = M.from_gguf_metadata(fields)
+    declaration = read_rope(config)
+    head_count = fields.get(f"{arch}.attention.head_count")
+    dim = fields.get(f"{arch}.rope.dimension_count")
+    if dim is None and isinstance(head_count, int) and head_count > 0:
+        embedding = fields.get(f"{arch}.embedding_length")
+        dim = embedding // head_count if isinstance(embedding, int) else None
+    model = M.ServeModel(
+        rope_theta=declaration.rope_theta,
+        rotary_dim=int(dim) if dim is not None else None,
+        architecture=arch,
+        log_multiplier=fields.get(f"{arch}.rope.scaling.yarn_log_multiplier"),
+    )
+    return _Source(
+        label=str(path),
+        reference=str(path),
+        scaling=declaration.scaling(),
+        declared=declaration.rope,
+        model=model,
+        max_position_embeddings=declaration.max_position_embeddings,
+        gguf_path=path,
+        gguf_fields=fields,
+    )
+
+
+def _read_source(
+    source: Any, *, gguf_file: str | None, rope_theta: float | None, rotary_dim: int | None
+) -> _Source:
+    if isinstance(source, RopeScaling):
+        return _Source(
+            label="settings",
+            reference="MODEL",
+            scaling=source,
+            declared=None,
+            model=M.ServeModel(rope_theta=rope_theta, rotary_dim=rotary_dim),
+        )
+    if isinstance(source, Mapping):
+        return _from_config("config", "MODEL", source, None, rotary_dim)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if gguf_file is not None:
+            path = path / gguf_file if path.is_dir() else Path(gguf_file)
+        if path.is_file() and path.suffix == ".gguf":
+            return _from_gguf(path)
+        if path.is_file() and path.suffix == ".json":
+            if path.name == "config.json":
+                path = path.parent
+            else:
+                from .loading.checkpoint import read_json
+
+                return _from_config(str(path), "MODEL", read_json(path), None, rotary_dim)
+        if path.is_dir():
+            from .loading import plan_load
+
+            plan = plan_load(path)  # the scaling the checkpoint was trained with (Yarn-Mistral's 128/2, 0.07)
+            return _from_config(str(path), str(path), plan.config, plan.scaling, rotary_dim)
+        if path.exists():
+            raise ValueError(f"{path} is neither a GGUF file, a config.json nor a checkpoint folder")
+        raise FileNotFoundError(f"no checkpoint folder, config or GGUF file at {path}")
+    config = getattr(source, "config", None)
+    if config is None:
+        raise TypeError(
+            "export() takes a checkpoint folder, a config.json or GGUF path, a config dict, a RopeScaling "
+            f"or a transformers model; got {type(source).__name__}"
+        )
+    from .patch import patch_info
+
+    info = patch_info(source)
+    text = _compat.text_config(config)
+    raw = text.to_dict()
+    scaling = info.scaling if info is not None else None
+    if scaling is None:
+        scaling = read_rope(text).scaling()
+    built = _from_config(
+        "model", str(getattr(config, "_name_or_path", "") or "MODEL"), raw, scaling, rotary_dim
+    )
+    declaration = read_rope(text)
+    return dataclasses.replace(
+        built,
+        declared=declaration.rope,
+        model=dataclasses.replace(built.model, rope_theta=declaration.rope_theta or built.model.rope_theta),
+    )
+
+
+def _with_overrides(src: _Source, scaling: RopeScaling | None, settings: Mapping[str, Any]) -> RopeScaling:
+    """The settings to export: the source's, replaced by ``scaling`` or changed by ``settings``."""
+    if scaling is not None:
+        if not isinstance(scaling, RopeScaling):
+            raise TypeError(f"scaling must be a yarn_rope.RopeScaling, got {type(scaling).__name__}")
+        return scaling.replace(**settings) if settings else scaling
+    if not settings:
+        return src.scaling
+    declared = src.scaling
+    method = settings.get("method", declared.method if declared.method != "none" else "yarn")
+    M.check_method(method)
+    if declared.method == method:
+        changes = dict(settings)
+        changes.pop("method", None)
+        if "factor" in changes and "max_position_embeddings" not in changes:
+            changes["max_position_embeddings"] = None
+        if "max_position_embeddings" in changes and "factor" not in changes:
+            changes["factor"] = None
+        return declared.replace(**changes)
+    fields = {**settings, "method": method}
+    spec = M.get(method)
+    if (
+        "original_max_position_embeddings" in spec.accepted
+        and fields.get("original_max_position_embeddings") is None
+    ):
+        original = declared.original_max_position_embeddings
+        if original is None:
+            original = original_length_fallback(src.max_position_embeddings, what=f"export of {src.label}")
+        fields["original_max_position_embeddings"] = original
+    return RopeScaling(**fields)
+
+
+# ------------------------------------------------------------------------------------------------
+# Context length and approximations
+# ------------------------------------------------------------------------------------------------
+
+
+def _context(scaling: RopeScaling, src: _Source, requested: int | None) -> int | None:
+    """The context length to allow: the caller's, else what the settings serve."""
+    if requested is not None:
+        return int(M.SETTINGS["max_position_embeddings"].check("context_length", requested))
+    if scaling.method == "none":
+        return None
+    stated = scaling.context_length()
+    factor, original = scaling.factor, scaling.original_max_position_embeddings
+    if scaling.spec.consistent_lengths and not scaling.is_dynamic and factor and original:
+        # The factor wins over a stated target (Qwen2.5 states factor 4 with both lengths 32768).
+        return max(stated or 0, F.scaled_context(factor, original))
+    if stated is None and factor and src.max_position_embeddings and scaling.method in ("linear", "ntk"):
+        return F.scaled_context(factor, src.max_position_embeddings)
+    return stated
+
+
+def _with_target(scaling: RopeScaling, context: int | None) -> RopeScaling:
+    """``scaling`` stating the context it serves, as a saved config (and a GGUF copy) will."""
+    if context is None or scaling.max_position_embeddings is not None or scaling.is_dynamic:
+        return scaling
+    if scaling.method in ("none", "longrope", "llama3"):
+        return scaling
+    factor, original = scaling.factor, scaling.original_max_position_embeddings
+    if factor is not None and original is not None and context != F.scaled_context(factor, original):
+        return scaling  # a target that is not factor * original: the factor stays the only statement
+    return scaling.replace(max_position_embeddings=context)
+
+
+def _lengths(scaling: RopeScaling, context: int | None) -> tuple[int, ...]:
+    if not scaling.is_dynamic:
+        return (context or 1,)
+    threshold = scaling.threshold() or 1
+    top = max(context or threshold, threshold)
+    points = {1, threshold, min(threshold + 1, top), top}
+    for step in range(1, 8):
+        points.add(int(threshold * (top / threshold) ** (step / 8)))
+    return tuple(sorted(points))
+
+
+def _difference(
+    requested: RopeScaling, candidate: RopeScaling, model: M.ServeModel, lengths: tuple[int, ...]
+) -> tuple[float, float]:
+    if model.rotary_dim is None or model.rope_theta is None:
+        raise ValueError(
+            "measuring an approximation needs the model's rotary dimension and rope_theta: pass rotary_dim= "
+            "and rope_theta= (the source states neither)"
+        )
+    dim, base = model.rotary_dim, model.rope_theta
+    table, attention = candidate.inv_freq(dim, base=base)
+    table = table.double()
+    worst_table = worst_attention = 0.0
+    for length in lengths:
+        wanted, wanted_attention = requested.inv_freq(dim, base=base, seq_len=length)
+        wanted = wanted.double()
+        worst_table = max(worst_table, float(((table - wanted).abs() / wanted).max()))
+        worst_attention = max(worst_attention, abs(attention - wanted_attention) / wanted_attention)
+    return worst_table, worst_attention
+
+
+def _describe(scaling: RopeScaling) -> str:
+    parts = [scaling.method]
+    if scaling.factor is not None and scaling.method != "none":
+        parts.append(f"factor={scaling.factor:g}")
+    if scaling.original_max_position_embeddings is not None:
+        parts.append(f"original={scaling.original_max_position_embeddings}")
+    return " ".join(parts)
+
+
+def _engine_scaling(
+    engine: str, scaling: RopeScaling, context: int | None, model: M.ServeModel, allow_approximation: bool
+) -> tuple[RopeScaling, Approximation | None]:
+    """The settings ``engine`` will compute: ``scaling``, or its closest static approximation."""
+    spelling = scaling.spec.engines[engine]
+    lost = spelling.loses(scaling.settings())
+    if lost is None:
+        return scaling, None
+    title = f"{M.ENGINES[engine].title} {M.ENGINES[engine].release}"
+    if spelling.closest is None:
+        raise ValueError(
+            f"{title} cannot serve {_describe(scaling)}: {lost}; there is no static setting close to it"
+        )
+    if not allow_approximation:
+        raise ValueError(
+            f"{title} cannot serve {_describe(scaling)}: {lost}. Pass allow_approximation=True "
+            "(--allow-approximation) for the closest static setting it computes, with the largest "
+            "differences"
+        )
+    lengths = _lengths(scaling, context)
+    best: tuple[float, float, RopeScaling] | None = None
+    for method, fields in spelling.closest(scaling.settings(), context):
+        candidate = RopeScaling(method=method, **fields)
+        if candidate.spec.engines[engine].loses(candidate.settings()) is not None:
+            continue
+        table, attention = _difference(scaling, candidate, model, lengths)
+        if best is None or (table, attention) < best[:2]:
+            best = (table, attention, candidate)
+    if best is None:
+        raise ValueError(
+            f"{title} cannot serve {_describe(scaling)}: {lost}; no static setting it computes is close"
+        )
+    table, attention, chosen = best
+    return chosen, Approximation(lost, scaling, table, attention, lengths)
+
+
+def export_targets(scaling: RopeScaling) -> tuple[TargetCheck, ...]:
+    """Which export targets compute ``scaling`` exactly, and what the others would lose."""
+    checks = []
+    settings = scaling.settings()
+    for target in TARGETS:
+        engine = "llama.cpp" if target == "gguf" else target
+        if engine == "transformers":
+            spec = scaling.spec
+            exact = scaling.vanilla_compatible()
+            lost = (
+                None
+                if exact
+                else (
+                    f"vanilla transformers has no {scaling.method!r} with these settings; "
+                    "yarn_rope.from_pretrained reads it "
+                    "(rope_type yarn_rope." + scaling.method + ")"
+                )
+            )
+            release = "transformers " + (spec.transformers.exact if spec.transformers is not None else "")
+            checks.append(TargetCheck(target, release.strip(), exact, lost, False))
+            continue
+        spelling = scaling.spec.engines[engine]
+        lost = spelling.loses(settings)
+        release = f"{M.ENGINES[engine].title} {M.ENGINES[engine].release}"
+        checks.append(
+            TargetCheck(
+                target, release, lost is None, lost, lost is not None and spelling.closest is not None
+            )
+        )
+    return tuple(checks)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering per engine
+# ------------------------------------------------------------------------------------------------
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _rope_dict(spelled: M.EngineSettings, src: _Source, engine: str) -> dict[str, Any]:
+    rope = dict(spelled.rope)
+    theta = spelled.rope_theta if spelled.rope_theta is not None else src.model.rope_theta
+    if theta is None:
+        if engine == "vllm":
+            raise ValueError(
+                "vLLM 0.33.0 sets a dict-valued hf_overrides entry whole (vllm/config/model.py, "
+                "_apply_dict_overrides), so rope_parameters must carry the model's rope_theta, which the "
+                "source does not state: pass rope_theta= (--rope-theta)"
+            )
+    else:
+        rope["rope_theta"] = theta
+    if src.partial_rotary_factor is not None and src.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = src.partial_rotary_factor
+    return rope
+
+
+def _derived_length(engine: str, rope: Mapping[str, Any], max_positions: int) -> float:
+    """The longest context the engine allows from the config (before any flag)."""
+    factor = rope.get("factor") or 1.0
+    if engine == "vllm":  # vllm/config/model.py _get_and_verify_max_len
+        kept = rope["rope_type"] in (
+            "su",
+            "longrope",
+            "llama3",
+            "yarn",
+            "deepseek_yarn",
+            "deepseek_llama_scaling",
+        )
+    else:  # sglang/srt/utils/hf_transformers/common.py get_context_length
+        kept = "original_max_position_embeddings" in rope or rope["rope_type"] == "llama3"
+    return max_positions * (1.0 if kept else float(factor))
+
+
+def _allow_context(
+    engine: str, overrides: dict[str, Any], rope: Mapping[str, Any], src: _Source, context: int | None
+) -> list[str]:
+    if context is None:
+        return []
+    title = M.ENGINES[engine].title
+    if src.max_position_embeddings is not None and context <= _derived_length(
+        engine, rope, src.max_position_embeddings
+    ):
+        return []
+    overrides["max_position_embeddings"] = context
+    stated = src.max_position_embeddings if src.max_position_embeddings is not None else "unknown"
+    variable = (
+        "VLLM_ALLOW_LONG_MAX_MODEL_LEN" if engine == "vllm" else "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
+    )
+    return [
+        f"max_position_embeddings = {context} (the config states {stated}): {title} refuses a context above "
+        f"the length it derives from the config unless the config allows it (or {variable}=1, which it warns "
+        "about); its YaRN table is built from original_max_position_embeddings, not from this"
+    ]
+
+
+def _vllm(
+    spelled: M.EngineSettings, src: _Source, context: int | None
+) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...], list[str]]:
+    rope = _rope_dict(spelled, src, "vllm")
+    overrides: dict[str, Any] = {"rope_parameters": rope}
+    notes = _allow_context("vllm", overrides, rope, src, context)
+    notes.append(
+        "hf_overrides sets rope_parameters whole (not merged), so it carries rope_theta; the tokenizer's "
+        "model_max_length, when smaller, also caps max_model_len"
+    )
+    python: dict[str, Any] = {"model": src.reference, "hf_overrides": overrides}
+    command = ["vllm", "serve", src.reference, "--hf-overrides", _json(overrides)]
+    if context is not None:
+        python["max_model_len"] = context
+        command += ["--max-model-len", str(context)]
+    return overrides, python, tuple(command), notes
+
+
+def _sglang(
+    spelled: M.EngineSettings, src: _Source, context: int | None
+) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...], list[str]]:
+    rope = _rope_dict(spelled, src, "sglang")
+    notes: list[str] = []
+    stale = [key for key in (src.declared or {}) if key not in rope and key in _SGLANG_READS]
+    for key in stale:
+        rope[key] = None
+    if stale:
+        notes.append(
+            f"{', '.join(stale)} set to null: SGLang merges rope_parameters overrides into the config's dict "
+            "(srt/utils/hf_transformers/config.py), so keys the config states would otherwise stay"
+        )
+    overrides: dict[str, Any] = {"rope_parameters": rope}
+    notes = _allow_context("sglang", overrides, rope, src, context) + notes
+    text = _json(overrides)
+    python: dict[str, Any] = {"model_path": src.reference, "json_model_override_args": text}
+    command = [
+        "python",
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        src.reference,
+        "--json-model-override-args",
+        text,
+    ]
+    if context is not None:
+        python["context_length"] = context
+        command += ["--context-length", str(context)]
+    return overrides, python, tuple(command), notes
+
+
+def _float_text(value: float) -> str:
+    return repr(float(value))
+
+
+def _llamacpp_flags(
+    keys: Mapping[str, Any], arch: str, file_attention: float, only: tuple[str, ...] | None = None
+) -> tuple[list[str], dict[str, Any], list[str]]:
+    """(flags, llama_cpp.Llama keywords, notes) passing ``keys`` on the command line."""
+    flags: list[str] = []
+    kwargs: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in keys.items():
+        if only is not None and key not in only:
+            continue
+        if key == "scaling.attn_factor":
+            if value != file_attention:
+                name = f"{arch}.rope.scaling.attn_factor"
+                flags += ["--override-kv", f"{name}=float:{_float_text(value)}"]
+                kwargs["kv_overrides"] = {name: float(value)}
+            continue
+        flag, keyword = M.LLAMACPP_FLAGS[key]
+        if key == "scaling.type":
+            flags += [flag, str(value)]
+            kwargs[keyword] = M.LLAMACPP_SCALING_TYPES[str(value)]
+        elif key == "scaling.factor":
+            flags += [flag, _float_text(value)]
+            kwargs[keyword] = 1.0 / float(value)  # llama_cpp.Llama takes the inverse, rope_freq_scale
+        elif isinstance(value, int) and not isinstance(value, bool):
+            flags += [flag, str(value)]
+            kwargs[keyword] = value
+        else:
+            flags += [flag, _float_text(value)]
+            kwargs[keyword] = float(value)
+    if arch == "ARCH" and "kv_overrides" in kwargs:
+        notes.append("ARCH is the GGUF file's general.architecture (llama for Llama and Mistral checkpoints)")
+    return flags, kwargs, notes
+
+
+def _llamacpp(
+    spelled: M.EngineSettings, src: _Source, context: int | None
+) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...], list[str]]:
+    arch = src.model.architecture or "ARCH"
+    fields = src.gguf_fields or {}
+    file_attention = float(fields.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+    flags, kwargs, notes = _llamacpp_flags(spelled.rope, arch, file_attention)
+    settings = {f"{arch}.rope.{key}": value for key, value in spelled.rope.items()}
+    reference = src.reference if src.gguf_path is not None else "MODEL.gguf"
+    command = ["llama-server", "-m", reference]
+    python: dict[str, Any] = {"model_path": reference}
+    if context is not None:
+        command += ["-c", str(context)]
+        python["n_ctx"] = context
+        settings[f"{arch}.context_length"] = context
+    python.update(kwargs)
+    if spelled.rope.get("scaling.type") == "yarn":
+        notes.append(
+            "llama_cpp.Llama passes yarn_beta_fast=32, yarn_beta_slow=1 by default, which override a file's "
+            "keys: keep the betas in its keywords"
+        )
+    return settings, python, tuple(command + flags), notes
+
+
+def _gguf(
+    spelled: M.EngineSettings,
+    src: _Source,
+    scaling: RopeScaling,
+    context: int | None,
+    out: str | os.PathLike[str] | None,
+    progress: bool | None,
+) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...], list[str], str]:
+    if src.gguf_path is None or src.gguf_fields is None:
+        raise ValueError("--to gguf copies a GGUF file: SOURCE must be a .gguf file")
+    if out is None:
+        raise ValueError("--to gguf needs --out OUT.gguf (out=): the input is never overwritten")
+    from . import gguf
+
+    arch = src.model.architecture or "llama"
+    fields: dict[str, Any] = {f"{arch}.rope.{key}": value for key, value in spelled.rope.items()}
+    if "freq_base" in spelled.rope:
+        stored = M.lossless_dict("none", {})  # NTK-aware as a new base: the file is plain RoPE with that base
+    else:
+        stored = M.lossless_dict(scaling.method, scaling.settings())
+    fields[M.GGUF_SETTINGS_KEY] = _json(stored)
+    if context is not None:
+        fields[f"{arch}.context_length"] = context
+    prefix = f"{arch}.rope.scaling."
+    remove = [prefix + key for key in _SPELLED_SCALING_KEYS if prefix + key not in fields]
+    copy = gguf.write_copy(src.gguf_path, out, fields=fields, remove=remove, progress=progress)
+    notes: list[str] = []
+    needed: list[str] = []
+    for key, default in _LLAMACPP_DEFAULTS.items():
+        value = spelled.rope.get(key)
+        name = key.removeprefix("scaling.")
+        if value is not None and value != default and arch not in M.LLAMACPP_ARCH_KEYS[name]:
+            needed.append(key)
+    flags, kwargs, _ = _llamacpp_flags(spelled.rope, arch, 1.0, only=tuple(needed))
+    if needed:
+        notes.append(
+            f"llama.cpp {M.LLAMACPP_RELEASE} reads {', '.join(k.removeprefix('scaling.') for k in needed)} "
+            f"only for {', '.join(sorted(M.LLAMACPP_ARCH_KEYS[needed[0].removeprefix('scaling.')]))} models, "
+            f"not {arch}: the file holds them, and the command passes them too"
+        )
+    if spelled.rope.get("scaling.type") == "yarn":
+        for key in ("scaling.yarn_beta_fast", "scaling.yarn_beta_slow"):
+            _, keyword = M.LLAMACPP_FLAGS[key]
+            kwargs[keyword] = float(spelled.rope[key])
+        notes.append(
+            "llama_cpp.Llama passes yarn_beta_fast=32, yarn_beta_slow=1 by default, which override a file's "
+            "keys: keep the betas in its keywords"
+        )
+    python: dict[str, Any] = {
+        "model_path": str(copy.path),
+        **({"n_ctx": context} if context is not None else {}),
+        **kwargs,
+    }
+    command = [
+        "llama-server",
+        "-m",
+        str(copy.path),
+        *(["-c", str(context)] if context is not None else []),
+        *flags,
+    ]
+    notes.append(
+        f"copied {copy.tensor_count} tensors ({copy.tensor_bytes} bytes) byte for byte; yarn_rope reads the "
+        f"exact settings back from {M.GGUF_SETTINGS_KEY}"
+    )
+    return fields, python, tuple(command), notes, str(copy.path)
+
+
+def _transformers(
+    scaling: RopeScaling, src: _Source, context: int | None
+) -> tuple[dict[str, Any], list[str], str]:
+    rope = scaling.to_hf()
+    if src.model.rope_theta is not None:
+        rope["rope_theta"] = src.model.rope_theta
+    if src.partial_rotary_factor is not None and src.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = src.partial_rotary_factor
+    settings: dict[str, Any] = {"rope_parameters": rope}
+    if context is not None and scaling.method != "dynamic-ntk":
+        settings["max_position_embeddings"] = context
+    spec = scaling.spec
+    notes = ["transformers 4.x reads rope_scaling= (and a top-level rope_theta) instead of rope_parameters="]
+    if scaling.vanilla_compatible():
+        assert spec.transformers is not None
+        release = f"transformers {spec.transformers.exact}"
+        if spec.transformers.differs:
+            notes.append(
+                f"other releases: {spec.transformers.differs} (yarn_rope.from_pretrained gives the reference "
+                "numbers)"
+            )
+    else:
+        release = "yarn_rope.from_pretrained"
+        notes.append(
+            f"vanilla transformers refuses rope_type {rope['rope_type']!r} (KeyError) rather than compute "
+            "something else: load it with yarn_rope.from_pretrained or yarn_rope.patch, which compute it "
+            "exactly"
+        )
+    if scaling.method == "dynamic-ntk":
+        notes.append(
+            "dynamic NTK grows past config.max_position_embeddings, which must stay the original length"
+        )
+    return settings, notes, release
+
+
+# ------------------------------------------------------------------------------------------------
+# The entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def export(
+    source: Any,
+    target: str,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    scaling: RopeScaling | None = None,
+    context_length: int | None = None,
+    allow_approximation: bool = False,
+    rope_theta: float | None = None,
+    rotary_dim: int | None = None,
+    gguf_file: str | None = None,
+    progress: bool | None = None,
+    **settings: Any,
+) -> ExportResult:
+    """The exact rope scaling of ``source`` as ``target`` spells it (and, for ``"gguf"``, a GGUF copy).
+
+    Args:
+        source: a checkpoint folder (its ``config.json``, read as :func:`yarn_rope.plan_load` does:
+            the authors' Mistral code's betas and temperature included), a ``config.json`` path or
+            dict, a GGUF file, a :class:`~yarn_rope.RopeScaling`, or a transformers model (patched:
+            its patch's settings; else what its config declares).
+        target: ``"vllm"``, ``"sglang"``, ``"llama.cpp"`` (flags on the original GGUF),
+            ``"transformers"`` or ``"gguf"`` (a copy of the GGUF ``source`` with the metadata set).
+        out: ``"gguf"``: the file to write (never ``source``).
+        scaling: settings that replace what the source declares.
+        context_length: the context to allow (default: what the settings serve, e.g.
+            ``factor * original`` for YaRN).
+        allow_approximation: when the engine cannot compute the settings, give the closest static
+            setting it computes (measured: :class:`Approximation`) instead of refusing.
+        rope_theta, rotary_dim: the model's RoPE base and rotated dimensions, for sources that do not
+            state them (a bare ``RopeScaling``); vLLM needs the base, NTK-aware scaling and
+            approximations both.
+        gguf_file: a GGUF file name inside a ``source`` folder.
+        progress: ``"gguf"``: progress bar over the tensor bytes (``None``: on a terminal only).
+        **settings: ``RopeScaling`` fields that change the source's settings (``factor=4.0``, or
+            ``method="yarn", factor=...`` on a model that declares none).
+
+    Returns:
+        :class:`ExportResult`.
+
+    Raises:
+        ValueError: an unknown target, settings the engine cannot compute (unless
+            ``allow_approximation``), missing ``out`` / model facts, bad settings.
+        FileNotFoundError: no such source.
+        TypeError: a source of another kind.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown export target {target!r}; targets: {', '.join(TARGETS)}")
+    if rope_theta is not None:
+        rope_theta = F._check_base(rope_theta)
+    if rotary_dim is not None:
+        rotary_dim = F._check_dim(rotary_dim)
+    src = _read_source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
+    if rope_theta is not None or rotary_dim is not None:
+        src = dataclasses.replace(
+            src,
+            model=dataclasses.replace(
+                src.model,
+                rope_theta=rope_theta if rope_theta is not None else src.model.rope_theta,
+                rotary_dim=rotary_dim if rotary_dim is not None else src.model.rotary_dim,
+            ),
+        )
+    requested = _with_overrides(src, scaling, settings)
+    context = _context(requested, src, context_length)
+    if target == "transformers":
+        exported = _with_target(requested, context)
+        changes, notes, release = _transformers(exported, src, context)
+        return ExportResult(
+            target=target,
+            engine=release,
+            checked="transformers/modeling_rope_utils.py (ROPE_INIT_FUNCTIONS)",
+            source=src.label,
+            scaling=exported,
+            context_length=context,
+            settings=changes,
+            python=changes,
+            command=(),
+            environment={},
+            notes=tuple(notes),
+        )
+    engine = "llama.cpp" if target == "gguf" else target
+    chosen, approximation = _engine_scaling(engine, requested, context, src.model, allow_approximation)
+    if approximation is not None and chosen.is_dynamic is False and requested.is_dynamic:
+        context = _context(chosen, src, context_length) or context
+    exported = _with_target(chosen, context)
+    spelling = exported.spec.engines[engine]
+    assert spelling.write is not None
+    spelled = spelling.write(exported.settings(), src.model)
+    notes = list(spelled.notes)
+    output = None
+    if target == "vllm":
+        native, python, command, extra = _vllm(spelled, src, context)
+    elif target == "sglang":
+        native, python, command, extra = _sglang(spelled, src, context)
+    elif target == "llama.cpp":
+        native, python, command, extra = _llamacpp(spelled, src, context)
+    else:
+        native, python, command, extra, output = _gguf(spelled, src, exported, context, out, progress)
+    notes += extra
+    if approximation is not None:
+        notes.insert(
+            0,
+            f"approximated: {approximation.lost}; served as {_describe(exported)}, largest relative "
+            f"difference {approximation.table_difference:.3g} in the frequency table and "
+            f"{approximation.attention_difference:.3g} in the attention scaling",
+        )
+    named = M.ENGINES[engine]
+    return ExportResult(
+        target=target,
+        engine=f"{named.title} {named.release}",
+        checked=named.checked,
+        source=src.label,
+        scaling=exported,
+        context_length=context,
+        settings=native,
+        python=python,
+        command=command,
+        environment={},
+        notes=tuple(notes),
+        approximation=approximation,
+        output=output,
+    )
