@@ -9,6 +9,20 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def add_progress_flags(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress`` (``args.progress``: True, False or None = on a terminal only).
+
+    Every long command takes these two, and passes ``args.progress`` to the library's
+    ``progress=`` (see :mod:`yarn_rope._progress`).
+    """
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on standard error (default: only when it is a terminal)",
+    )
+
+
 def parse_lengths(text: str) -> list[int]:
     try:
         lengths = [int(part) for part in text.replace(" ", "").split(",") if part]

@@ -33,7 +33,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         factor=2.0,
         original_max_position_embeddings=original,
         lengths=lengths,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     common.print_perplexity_table(results, original)
     beyond = max(lengths)
@@ -62,5 +62,5 @@ def register(commands: Any) -> None:
         "--plot", default="yarn-rope-demo.png", metavar="OUT.png", help="plot file ('' for none)"
     )
     demo.add_argument("--json", default=None, metavar="OUT", help="write one record per method and length")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_progress_flags(demo)
     demo.set_defaults(handler=_cmd_demo, text=None)

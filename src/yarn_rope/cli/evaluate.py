@@ -28,7 +28,7 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
         original_max_position_embeddings=original,
         lengths=args.lengths,
         stride=args.stride,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     common.print_perplexity_table(results, original)
     common.write_outputs(args, results, original, f"perplexity on {names}")
@@ -55,7 +55,7 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
                 lengths=args.lengths,
                 trials=args.trials,
                 seed=args.seed,
-                progress=not args.no_progress,
+                progress=args.progress,
             )
         rows[method] = result.accuracy
         records.extend({"method": method, "length": n, "accuracy": acc} for n, acc in result.accuracy.items())
@@ -100,7 +100,7 @@ def register(commands: Any) -> Any:
             "--lengths", type=common.parse_lengths, default=[4096, 8192], help="comma-separated lengths"
         )
         sub.add_argument("--json", default=None, metavar="OUT", help="write one record per method and length")
-        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+        common.add_progress_flags(sub)
         if kind == "perplexity":
             sub.add_argument(
                 "--stride", type=int, default=None, help="sliding windows (default: truncate mode)"
