@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
 from typing import Any
+
+
+class ExampleHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions wrapped to the terminal as usual; the example epilog kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(_EXAMPLE):
+            return super()._fill_text(text, width, indent)  # raw: one line per command
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+_EXAMPLE = "example:\n"
+
+
+def example(command: str) -> dict[str, Any]:
+    """``add_parser`` keywords that end a command's help with one real example line.
+
+    ``commands.add_parser("demo", help=..., **example("yarn-rope demo --quick"))``; a test parses
+    every command's example with the real parser, so an example cannot name a flag that is gone.
+    """
+    return {"epilog": f"{_EXAMPLE}  {command}", "formatter_class": ExampleHelpFormatter}
 
 
 def add_progress_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +69,7 @@ def load_tokenizer(model: str, gguf_file: str | None) -> Any:
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
-    """(model, tokenizer, original context length) for ``--model``; the default is SmolLM2."""
+    """(model, tokenizer, original context length) for ``--model``; the default is SmolLM2-135M-Instruct."""
     import transformers
 
     from ..eval.data import DEFAULT_MODEL_NAME, load_default_model
@@ -99,15 +121,48 @@ def print_perplexity_table(results: Sequence[Any], trained: int | None) -> None:
         print(f"(* beyond the trained context of {trained} tokens)")
 
 
+def write_json(path: str, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` whole or not at all (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Reject unusable ``--json`` / ``--plot`` files before any model is loaded.
+
+    Raises:
+        FileNotFoundError: the file's folder does not exist.
+        ValueError: a plot file whose extension is not PNG, SVG or PDF.
+        ImportError: ``--plot`` without matplotlib.
+    """
+    for flag, path in (("--json", getattr(args, "json", None)), ("--plot", getattr(args, "plot", None))):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist")
+    plot = getattr(args, "plot", None)
+    if plot:
+        if os.path.splitext(plot)[1].lower() not in PLOT_SUFFIXES:
+            raise ValueError(f"--plot {plot}: the file name must end in .png, .svg or .pdf")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError("--plot needs matplotlib: pip install 'yarn-rope[plot]'")
+
+
 def write_outputs(args: argparse.Namespace, results: Sequence[Any], trained: int, title: str) -> None:
     from ..eval.compare import plot_perplexity
 
     if args.json:
-        records = [record for entry in results for record in entry.records()]
-        tmp = args.json + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(records, handle, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, [record for entry in results for record in entry.records()])
         print(f"wrote {args.json}")
     if args.plot:
         plot_perplexity(results, args.plot, trained_length=trained, title=title)

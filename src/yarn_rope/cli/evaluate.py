@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from typing import Any
 
 from ..frequencies import METHODS
@@ -14,8 +13,9 @@ from . import _common as common
 def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     from ..eval.compare import compare_perplexity
 
-    model, tokenizer, original = common.load_model(args)
+    common.check_outputs(args)
     documents = common.documents(args, args.documents)
+    model, tokenizer, original = common.load_model(args)
     names = ", ".join(name for name, _ in documents)
     mode = "truncate" if args.stride is None else f"sliding windows, stride {args.stride}"
     print(f"documents: {names}; {mode}; factor {args.factor:g} over {original} tokens")
@@ -40,6 +40,7 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
     from ..eval.passkey import passkey
     from ..patch import patched
 
+    common.check_outputs(args)
     model, tokenizer, original = common.load_model(args)
     rows: dict[str, dict[int, float]] = {}
     records: list[dict[str, Any]] = []
@@ -63,23 +64,37 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
     for length in args.lengths:
         print(f"{length:>16d}" + "".join(f"{rows[m][length]:>12.0%}" for m in rows))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(records, handle, indent=1)
+        common.write_json(args.json, records)
         print(f"wrote {args.json}")
     return 0
 
 
 def register(commands: Any) -> Any:
     """Add the ``eval`` command; returns its subparsers so that other evaluations can join it."""
-    evaluate = commands.add_parser("eval", help="perplexity or passkey retrieval by context length")
+    evaluate = commands.add_parser(
+        "eval",
+        help="perplexity or passkey retrieval by context length",
+        description="Evaluate a model by context length under several scaling methods.",
+        **common.example("yarn-rope eval perplexity --method none --method yarn --lengths 8192,16384"),
+    )
     kinds = evaluate.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
-    for kind, handler, help_text in (
-        ("perplexity", _cmd_eval_perplexity, "perplexity by context length, per method"),
-        ("passkey", _cmd_eval_passkey, "passkey retrieval accuracy by prompt length, per method"),
+    for kind, handler, help_text, example in (
+        (
+            "perplexity",
+            _cmd_eval_perplexity,
+            "perplexity by context length, per method",
+            "yarn-rope eval perplexity --method none --method yarn --lengths 4096,8192,16384 --plot ppl.png",
+        ),
+        (
+            "passkey",
+            _cmd_eval_passkey,
+            "passkey retrieval accuracy by prompt length, per method",
+            "yarn-rope eval passkey --lengths 4096,8192,12288,16384 --trials 3",
+        ),
     ):
-        sub = kinds.add_parser(kind, help=help_text, description=help_text)
+        sub = kinds.add_parser(kind, help=help_text, description=help_text, **common.example(example))
         sub.add_argument(
-            "--model", default=None, help="checkpoint folder or Hub name (default: SmolLM2-135M)"
+            "--model", default=None, help="checkpoint folder or Hub name (default: SmolLM2-135M-Instruct)"
         )
         sub.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
         sub.add_argument(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 
 from ..config import RopeScaling
 from ..frequencies import METHODS, default_inv_freq, interpolation_ramp, yarn_correction_range
+from . import _common as common
 
 
 def _frequency_rows(scaling: RopeScaling, *, dim: int, base: float, seq_len: int | None) -> dict[str, Any]:
@@ -83,6 +83,7 @@ def _print_frequency_table(table: dict[str, Any]) -> None:
 
 
 def _cmd_frequencies(args: argparse.Namespace) -> int:
+    common.check_outputs(args)
     if args.method != "none":
         if args.factor is None and args.max_position_embeddings is None and args.method != "dynamic-yarn":
             args.factor = 8.0
@@ -105,8 +106,7 @@ def _cmd_frequencies(args: argparse.Namespace) -> int:
     scaling = RopeScaling(**fields)
     table = _frequency_rows(scaling, dim=args.dim, base=args.base, seq_len=args.seq_len)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(table, handle, indent=1)
+        common.write_json(args.json, table)
     _print_frequency_table(table)
     return 0
 
@@ -117,6 +117,9 @@ def register(commands: Any) -> None:
         "frequencies",
         help="print the per-pair frequency table of a scaling method",
         description="Per-pair rotary frequencies of a scaling method against plain RoPE.",
+        **common.example(
+            "yarn-rope frequencies --method yarn --factor 8 --original-max-position-embeddings 4096"
+        ),
     )
     freq.add_argument("--method", default="yarn", choices=METHODS)
     freq.add_argument("--factor", type=float, default=None, help="scale factor s (default: 8 for yarn)")

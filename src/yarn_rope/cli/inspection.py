@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
+
+from . import _common as common
 
 
 def _format_bytes(count: int | None) -> str:
@@ -21,6 +22,7 @@ def _format_bytes(count: int | None) -> str:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from ..loading import plan_load
 
+    common.check_outputs(args)
     plan = plan_load(
         args.model,
         attn_implementation=args.attn_implementation,
@@ -29,8 +31,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         gguf_file=args.gguf_file,
     )
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(plan.to_dict(), handle, indent=1)
+        common.write_json(args.json, plan.to_dict())
     scaling = plan.scaling
     print(f"checkpoint:   {plan.source}")
     print(f"model type:   {plan.model_type} (native transformers class)")
@@ -61,6 +62,7 @@ def register(commands: Any) -> None:
         "inspect",
         help="what scaling a checkpoint declares and what the loader will do",
         description="Read a checkpoint's config (no weights, no remote code) and print the load plan.",
+        **common.example("yarn-rope inspect NousResearch/Yarn-Mistral-7b-128k"),
     )
     insp.add_argument("model", help="checkpoint folder or Hub name")
     insp.add_argument("--gguf-file", default=None, help="GGUF file inside the folder")

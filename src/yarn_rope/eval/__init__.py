@@ -1,7 +1,7 @@
 """Evaluation: sliding-window and truncated perplexity, passkey retrieval, method comparisons.
 
 ``perplexity`` and ``passkey`` follow the YaRN paper's evaluation (section 4.3); results are
-dataclasses with ``to_dict()``. The offline defaults (SmolLM2-135M and standard-library sources)
+dataclasses with ``to_dict()``. The offline defaults (SmolLM2-135M-Instruct and standard-library sources)
 live in :mod:`yarn_rope.eval.data`.
 """
 
