@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from yarn_rope._progress import TokenProgress, decoder_layers, progress_bar
+from yarn_rope._progress import TokenProgress, decoder_layers, progress_bar, transformers_bars
 from yarn_rope.eval import passkey, perplexity
 
 pytestmark = pytest.mark.usefixtures("quiet_transformers")
@@ -60,6 +60,39 @@ class TestProgressBar:
         with progress_bar(3, desc="auto", enabled=None) as bar:
             bar.update(3)
         assert capsys.readouterr().err == ""
+
+
+class TestTransformersBars:
+    """transformers' loading bars: its global flag, and the GGUF loader's own unconditional tqdm."""
+
+    @staticmethod
+    def draw_gguf_bar() -> None:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        for _ in gguf_utils.tqdm(range(3), desc="de-quantizing"):
+            pass
+
+    @pytest.mark.parametrize("enabled", [False, None])  # None: standard error is not a terminal here
+    def test_quiet(self, enabled, capsys):
+        from transformers.utils import logging as hf_logging
+
+        before = hf_logging.is_progress_bar_enabled()
+        with transformers_bars(enabled):
+            self.draw_gguf_bar()
+            assert not hf_logging.is_progress_bar_enabled()
+        assert "de-quantizing" not in capsys.readouterr().err
+        assert hf_logging.is_progress_bar_enabled() == before
+
+    def test_forced(self, capsys):
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from transformers.utils import logging as hf_logging
+
+        original = gguf_utils.tqdm
+        with transformers_bars(True):
+            self.draw_gguf_bar()
+            assert hf_logging.is_progress_bar_enabled()
+        assert "de-quantizing" in capsys.readouterr().err
+        assert gguf_utils.tqdm is original
 
 
 class TestTokenProgress:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["TokenProgress", "decoder_layers", "progress_bar"]
+__all__ = ["TokenProgress", "decoder_layers", "progress_bar", "transformers_bars"]
 
 
 def progress_bar(
@@ -153,3 +153,46 @@ class TokenProgress:
         if self._task_left > 0:
             self._bar.update(self._task_left)
         self._task_left = 0.0
+
+
+@contextlib.contextmanager
+def transformers_bars(enabled: bool | None = None) -> Iterator[None]:
+    """transformers' own loading bars (checkpoint shards, GGUF de-quantisation) follow the convention.
+
+    transformers draws them whenever its global flag is on, terminal or not, and its GGUF loader
+    draws one unconditionally (``transformers/modeling_gguf_pytorch_utils.py``, a module-level
+    ``tqdm``; checked on transformers 5.23.0 and 4.57.6). Inside this context both follow
+    ``enabled`` (``None``: only when standard error is a terminal); the flag and the loader's
+    ``tqdm`` are restored afterwards.
+    """
+    import importlib
+
+    from transformers.utils import logging as hf_logging
+
+    show = sys.stderr.isatty() if enabled is None else bool(enabled)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if show:
+        hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+    else:
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        gguf_utils: Any = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:  # an older transformers without GGUF support: nothing more to quieten
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+
+        def following(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("disable", not show)
+            return original(*args, **kwargs)
+
+        gguf_utils.tqdm = following
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+        else:
+            hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]

