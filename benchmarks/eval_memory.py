@@ -8,7 +8,7 @@ vocabulary]`` float32 logits and a log-softmax of the same size (SmolLM2's vocab
 32k tokens that is 6.4 GB each). ``yarn_rope.eval.perplexity`` runs the decoder once and projects
 the hidden states to the vocabulary 1024 positions at a time.
 
-Each (method, length) runs in its own process: load SmolLM2-135M (float32, sdpa), take the first
+Each (method, length) runs in its own process: load SmolLM2-135M-Instruct (float32, sdpa), take the first
 ``length`` tokens of ``_pydecimal.py``, patch YaRN with factor ``length / 8192`` past the trained
 context (both methods alike), reset the resident high-water mark, evaluate, and report the peak
 minus the resident size right before (the after-load baseline). Both methods score the same

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/eval_throughput.py [--lengths 2048 4096 8192] [--rounds 3] [--json OUT]
 
-On SmolLM2-135M (float32, sdpa; YaRN with factor ``length / 8192`` past its trained context), the
+On SmolLM2-135M-Instruct (float32, sdpa; YaRN with factor ``length / 8192`` past its trained context), the
 first ``length`` tokens of ``_pydecimal.py`` are scored two ways, in paired rounds that alternate
 which goes first:
 

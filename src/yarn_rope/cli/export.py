@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import methods as M
+from . import _common as common
 
-_EXAMPLE = "example: yarn-rope export path/to/Yarn-Mistral-7b-128k --to vllm --json vllm.json"
+_EXAMPLE = "yarn-rope export path/to/Yarn-Mistral-7b-128k --to vllm --json vllm.json"
 
 # (flag, RopeScaling field, type) of the settings a user may change on the command line.
 _SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
@@ -135,7 +136,7 @@ def register(commands: Any) -> None:
             "of a GGUF file with the scaling in its metadata, tensors copied byte for byte. Settings an "
             "engine cannot compute are refused, unless --allow-approximation."
         ),
-        epilog=_EXAMPLE,
+        **common.example(_EXAMPLE),
     )
     parser.add_argument("source", metavar="SOURCE", help="checkpoint folder, config.json or GGUF file")
     parser.add_argument(

@@ -22,9 +22,9 @@ from typing import Any
 from ..methods import METHODS
 from . import _common as common
 
+# SmolLM2 x2 to 16k context, trained on 1k-token sequences of your text.
 EXAMPLE = (
-    "example (SmolLM2 x2 to 16k context, trained on 1k-token sequences of your text):\n"
-    "  yarn-rope finetune --data notes.txt --output smollm2-16k --factor 2 --seq-len 1024 --steps 20 "
+    "yarn-rope finetune --data notes.txt --output smollm2-16k --factor 2 --seq-len 1024 --steps 20 "
     "--warmup-steps 2 --gradient-accumulation 2 --eval-lengths 1024,4096"
 )
 
@@ -228,8 +228,7 @@ def register(commands: Any) -> None:
         "steps then linear decay, 400 steps, batch 1 x 8 accumulation per process, gradient checkpointing "
         "and clipping (the defaults are the authors' finetune.py, commit 995db5b). Documents are packed "
         "into --seq-len sequences with BOS/EOS bookends. Runs under `accelerate launch` unchanged.",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **common.example(EXAMPLE),
     )
     parser.add_argument("--model", default=None, help="checkpoint folder or Hub name (default: SmolLM2-135M)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model")

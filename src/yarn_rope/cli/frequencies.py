@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 
 from .. import methods as M
 from ..config import RopeScaling
 from ..frequencies import default_inv_freq, interpolation_ramp, yarn_correction_range
+from . import _common as common
 
 # Example values for a table when a method needs a setting the user did not give.
 _EXAMPLE = {"factor": 8.0, "original_max_position_embeddings": 4096}
@@ -106,12 +106,12 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_frequencies(args: argparse.Namespace) -> int:
+    common.check_outputs(args)
     fields = _settings_from_args(args)
     scaling = RopeScaling(**fields)
     table = _frequency_rows(scaling, dim=args.dim, base=args.base, seq_len=args.seq_len)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(table, handle, indent=1)
+        common.write_data(args.json, table)
     _print_frequency_table(table)
     return 0
 
@@ -157,6 +157,9 @@ def register(commands: Any) -> None:
         "frequencies",
         help="print the per-pair frequency table of a scaling method",
         description="Per-pair rotary frequencies of a scaling method against plain RoPE.",
+        **common.example(
+            "yarn-rope frequencies --method yarn --factor 8 --original-max-position-embeddings 4096"
+        ),
     )
     freq.add_argument("--method", default="yarn", choices=M.METHODS)
     freq.add_argument("--dim", type=int, default=128, help="rotary dimension (default 128)")

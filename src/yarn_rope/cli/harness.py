@@ -105,8 +105,9 @@ def register(kinds: Any) -> None:
         f"authors' eval-harness.sh ({authors}). Datasets download from the Hugging Face Hub the first "
         "time; offline, only cached datasets and local tasks (--include-path) work. Needs lm-eval "
         "(pip install 'yarn-rope[harness]').",
-        epilog="example: yarn-rope eval harness --tasks arc_challenge,hellaswag --limit 200 "
-        "--json short.json",
+        **common.example(
+            "yarn-rope eval harness --tasks arc_challenge,hellaswag --limit 200 --json short.json"
+        ),
     )
     common.add_model_arguments(sub, default_methods="yarn; the unpatched model is always the first column")
     sub.add_argument(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
+
+from . import _common as common
 
 
 def _format_bytes(count: int | None) -> str:
@@ -23,6 +24,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from ..export import export_targets
     from ..loading import plan_load
 
+    common.check_outputs(args)
     if args.gguf_file is None and args.model.endswith(".gguf") and os.path.isfile(args.model):
         args.model, args.gguf_file = os.path.dirname(args.model) or ".", os.path.basename(args.model)
     plan = plan_load(
@@ -33,8 +35,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         gguf_file=args.gguf_file,
     )
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(plan.to_dict(), handle, indent=1)
+        common.write_data(args.json, plan.to_dict())
     scaling = plan.scaling
     print(f"checkpoint:   {plan.source}")
     print(f"model type:   {plan.model_type} (native transformers class)")
@@ -70,6 +71,7 @@ def register(commands: Any) -> None:
         "inspect",
         help="what scaling a checkpoint declares and what the loader will do",
         description="Read a checkpoint's config (no weights, no remote code) and print the load plan.",
+        **common.example("yarn-rope inspect NousResearch/Yarn-Mistral-7b-128k"),
     )
     insp.add_argument("model", help="checkpoint folder, Hub name or GGUF file")
     insp.add_argument("--gguf-file", default=None, help="GGUF file inside the folder")

@@ -54,7 +54,7 @@ def register(commands: Any) -> None:
         help=help_text,
         description=f"{help_text}: one table per suite (perplexity, passkey, RULER-style tasks, "
         "lm-evaluation-harness), rows by task and length, a column per model and method.",
-        epilog="example: yarn-rope report ruler.json short.json --out REPORT.md --plot plots/",
+        **common.example("yarn-rope report ruler.json short.json --out REPORT.md --plot plots/"),
     )
     report.add_argument("results", nargs="+", metavar="RESULTS.json", help="files written by --json")
     report.add_argument("--out", default=None, metavar="REPORT.md", help="write here (default: print)")

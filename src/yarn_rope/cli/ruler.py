@@ -102,8 +102,10 @@ def register(kinds: Any) -> None:
         description=f"{help_text}: accuracy by prompt length, per method. Prompts are generated "
         "locally from --seed; needles hide in --text (default: the longest standard-library source "
         "file); answers are scored by exact match. Tasks: " + ", ".join(TASKS) + ".",
-        epilog="example: yarn-rope eval ruler --lengths 4096,8192 --tasks niah_single,variable_tracking "
-        "--trials 2 --json ruler.json --plot ruler.png",
+        **common.example(
+            "yarn-rope eval ruler --lengths 4096,8192 --tasks niah_single,variable_tracking "
+            "--trials 2 --json ruler.json --plot ruler.png"
+        ),
     )
     common.add_model_arguments(sub, default_methods="none, yarn")
     sub.add_argument(

@@ -4,8 +4,8 @@
 RULER-style synthetic long-context tasks (Hsieh et al. 2024); ``harness`` scores short-context
 benchmarks through lm-evaluation-harness (the model cards' second table). Results are dataclasses
 with ``to_dict()`` and ``records()``: every evaluation writes the same :class:`EvalRecord` s,
-which :func:`render_markdown` turns into one report. The offline defaults (SmolLM2-135M and
-standard-library sources) live in :mod:`yarn_rope.eval.data`.
+which :func:`render_markdown` turns into one report. The offline defaults (SmolLM2-135M-Instruct
+and standard-library sources) live in :mod:`yarn_rope.eval.data`.
 """
 
 from __future__ import annotations

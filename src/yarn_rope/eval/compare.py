@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import methods as M
+from .._progress import progress_bar
 from ..config import RopeScaling
 from ..patch import patched, unpatched
 from .perplexity import PerplexityResult, perplexity
@@ -83,22 +84,27 @@ def compare_perplexity(
     stride: int | None = None,
     tokenizer: Any | None = None,
     angles: str = "precise",
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[MethodResult]:
     """:func:`~yarn_rope.eval.perplexity` of ``model`` under each method, the model restored after each.
 
     ``none`` is the model's own rotary embedding without any yarn_rope patch; the others are
     applied with :func:`yarn_rope.patched` at ``factor`` over ``original_max_position_embeddings``.
-    A patch the caller had applied is in force again afterwards.
+    A patch the caller had applied is in force again afterwards. ``progress`` (``None``: on a
+    terminal only) shows a bar of methods above perplexity's bar in tokens.
     """
     if not methods:
         raise ValueError("methods must name at least one method")
     results = []
-    with unpatched(model):  # a patch the caller applied is put back afterwards
+    with (
+        unpatched(model),  # a patch the caller applied is put back afterwards
+        progress_bar(len(methods), desc="methods", unit="method", enabled=progress) as bar,
+    ):
         for method in methods:
             scaling = scaling_for(
                 method, factor=factor, original_max_position_embeddings=original_max_position_embeddings
             )
+            bar.set_postfix_str(_label(scaling))
             logger.info("perplexity under %s", _label(scaling))
             context = (
                 contextlib.nullcontext()
@@ -110,6 +116,7 @@ def compare_perplexity(
                     model, documents, lengths=lengths, stride=stride, tokenizer=tokenizer, progress=progress
                 )
             results.append(MethodResult(method=method, label=_label(scaling), result=result))
+            bar.update(1)
     return results
 
 

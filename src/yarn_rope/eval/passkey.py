@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .._progress import TokenProgress
 from .perplexity import check_lengths
 from .results import EvalRecord, label_for, mean_stderr
 
@@ -132,7 +133,7 @@ def passkey(
     trials: int = 10,
     seed: int = 0,
     max_new_tokens: int = 8,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> PasskeyResult:
     """Passkey retrieval accuracy at each prompt length (greedy decoding).
 
@@ -143,7 +144,8 @@ def passkey(
         trials: prompts per length (each with its own key and depth).
         seed: seeds keys and depths; the same seed gives the same prompts.
         max_new_tokens: tokens generated for the answer.
-        progress: show a tqdm progress bar.
+        progress: a bar in tokens that moves per trial and length, and layer by layer inside
+            each prompt's forward pass, with a rate and an ETA (``None``: on a terminal only).
 
     Returns:
         :class:`PasskeyResult`.
@@ -151,32 +153,37 @@ def passkey(
     lengths = check_lengths(lengths, minimum=1)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive whole number, got {trials!r}")
-    from tqdm.auto import tqdm
-
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive whole number, got {max_new_tokens!r}")
     from ..patch import patch_info
 
     rng = random.Random(seed)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Every prompt first (the generator draws keys and depths in the same order either way), so that
+    # the bar knows the tokens to come: each prompt once, then one token per further decoding step.
+    prompts = [
+        (length, build_prompt(tokenizer, length, rng=rng)) for length in lengths for _ in range(trials)
+    ]
+    steps = max_new_tokens - 1
+    total = sum(prompt.input_ids.numel() + steps for _, prompt in prompts)
     results: list[PasskeyTrial] = []
-    with tqdm(total=len(lengths) * trials, disable=not progress, desc="passkey", leave=False) as bar:
-        for length in lengths:
-            for _ in range(trials):
-                prompt = build_prompt(tokenizer, length, rng=rng)
-                ids = prompt.input_ids[None].to(device)
-                with torch.no_grad():
-                    output = model.generate(
-                        ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=max_new_tokens,
-                        do_sample=False,
-                        pad_token_id=pad,
-                    )
-                answer = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
-                found = re.search(r"\d+", answer)
-                correct = found is not None and found.group() == str(prompt.key)
-                results.append(PasskeyTrial(length, ids.shape[1], prompt.key, prompt.depth, answer, correct))
-                bar.update(1)
+    with TokenProgress(model, total=total, desc="passkey", enabled=progress) as meter:
+        for number, (length, prompt) in enumerate(prompts):
+            meter.set_postfix(f"length {length}, trial {number % trials + 1}/{trials}")
+            ids = prompt.input_ids[None].to(device)
+            with torch.no_grad(), meter.task(ids.shape[1] + steps):
+                output = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+            answer = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+            found = re.search(r"\d+", answer)
+            correct = found is not None and found.group() == str(prompt.key)
+            results.append(PasskeyTrial(length, ids.shape[1], prompt.key, prompt.depth, answer, correct))
     accuracy = {length: sum(t.correct for t in results if t.length == length) / trials for length in lengths}
     info = patch_info(model)
     return PasskeyResult(

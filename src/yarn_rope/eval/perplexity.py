@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._progress import TokenProgress
 from .results import EvalRecord, label_for
 
 __all__ = ["DocumentNLL", "LengthResult", "PerplexityResult", "perplexity", "token_nll"]
@@ -159,7 +160,12 @@ def _logit_transform(model: Any) -> tuple[float | None, float | None]:
 
 
 def token_nll(
-    model: Any, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None, chunk_size: int = 1024
+    model: Any,
+    input_ids: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Negative log-likelihood of every next token, without full-length logits.
 
@@ -169,17 +175,26 @@ def token_nll(
         labels: ``[s]`` targets (``input_ids`` shifted inside; ``-100`` entries are skipped);
             default ``input_ids``.
         chunk_size: positions projected to the vocabulary at a time.
+        progress: a bar in tokens that moves layer by layer (``None``: on a terminal only).
 
     Returns:
         ``[s - 1]`` float32 NLL of token ``t + 1`` given tokens ``0..t``; ``nan`` where the label
         is ``-100``.
     """
     ids = input_ids.reshape(1, -1)
+    with TokenProgress(model, total=ids.shape[1], desc="forward", enabled=progress, extra_stages=1) as meter:
+        return _token_nll(model, ids, labels, chunk_size, meter)
+
+
+def _token_nll(
+    model: Any, ids: torch.Tensor, labels: torch.Tensor | None, chunk_size: int, meter: TokenProgress
+) -> torch.Tensor:
+    """:func:`token_nll` of ``ids`` ``[1, s]`` as one task of ``meter``."""
     targets = (ids if labels is None else labels.reshape(1, -1))[0, 1:]
     decoder, head = _output_head(model)
     softcap, scale = _logit_transform(model)
     device = next(head.parameters()).device
-    with torch.no_grad():
+    with torch.no_grad(), meter.task(ids.shape[1]):
         hidden = decoder(input_ids=ids.to(device), use_cache=False).last_hidden_state[0, :-1]
         out = torch.full((targets.numel(),), float("nan"), dtype=torch.float32)
         for start in range(0, targets.numel(), chunk_size):
@@ -187,22 +202,22 @@ def token_nll(
             target = targets[start:stop].to(device)
             keep = target != -100
             kept = int(keep.sum())
-            if kept == 0:
-                continue
-            if kept == target.numel():  # no masked labels: no gather copies
-                states, keep_cpu = hidden[start:stop], None
-            else:
-                states, target, keep_cpu = hidden[start:stop][keep], target[keep], keep.cpu()
-            logits = head(states).float()
-            if scale is not None:
-                logits = logits * scale
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            losses = F.cross_entropy(logits, target, reduction="none").cpu()
-            if keep_cpu is None:
-                out[start:stop] = losses
-            else:
-                out[start:stop][keep_cpu] = losses
+            if kept > 0:
+                if kept == target.numel():  # no masked labels: no gather copies
+                    states, keep_cpu = hidden[start:stop], None
+                else:
+                    states, target, keep_cpu = hidden[start:stop][keep], target[keep], keep.cpu()
+                logits = head(states).float()
+                if scale is not None:
+                    logits = logits * scale
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                losses = F.cross_entropy(logits, target, reduction="none").cpu()
+                if keep_cpu is None:
+                    out[start:stop] = losses
+                else:
+                    out[start:stop][keep_cpu] = losses
+            meter.advance(stop - start)
     return out
 
 
@@ -321,7 +336,7 @@ def perplexity(
     stride: int | None = None,
     tokenizer: Any | None = None,
     chunk_size: int = 1024,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` at each context length, the paper's evaluation.
 
@@ -335,7 +350,8 @@ def perplexity(
             the first is scored exactly once; see :func:`sliding_windows`).
         tokenizer: tokenizes text documents (BOS as it adds by default).
         chunk_size: positions projected to the vocabulary at a time (memory/speed trade-off).
-        progress: show a tqdm progress bar.
+        progress: a bar in tokens that moves layer by layer inside each forward pass, with a
+            rate and an ETA (``None``: on a terminal only; see :mod:`yarn_rope._progress`).
 
     Returns:
         :class:`PerplexityResult`.
@@ -367,12 +383,6 @@ def perplexity(
     return PerplexityResult(mode="sliding", stride=stride, lengths=results, scaling=scaling)
 
 
-def _progress(total: int, enabled: bool, description: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=description, unit="pass", leave=False)
-
-
 def _length_result(length: int, docs: list[DocumentNLL]) -> LengthResult:
     tokens = sum(doc.tokens for doc in docs)
     nll = sum(doc.nll_sum for doc in docs) / tokens
@@ -382,7 +392,7 @@ def _length_result(length: int, docs: list[DocumentNLL]) -> LengthResult:
 
 
 def _truncate(
-    model: Any, documents: list[torch.Tensor], lengths: list[int], chunk_size: int, progress: bool
+    model: Any, documents: list[torch.Tensor], lengths: list[int], chunk_size: int, progress: bool | None
 ) -> tuple[LengthResult, ...]:
     dynamic = _is_dynamic(model)
     per_length: dict[int, list[DocumentNLL]] = {length: [] for length in lengths}
@@ -395,14 +405,15 @@ def _truncate(
             plans.extend((index, [length]) for length in usable)
         else:  # causal and static: the longest pass scores every shorter prefix
             plans.append((index, usable))
-    with _progress(len(plans), progress, "perplexity") as bar:
-        for index, served in plans:
+    total = sum(max(served) for _, served in plans)
+    with TokenProgress(model, total=total, desc="perplexity", enabled=progress, extra_stages=1) as meter:
+        for number, (index, served) in enumerate(plans, 1):
             longest = max(served)
-            nll = token_nll(model, documents[index][:longest], chunk_size=chunk_size)
+            meter.set_postfix(f"pass {number}/{len(plans)}, {longest} tokens")
+            nll = _token_nll(model, documents[index][:longest].reshape(1, -1), None, chunk_size, meter)
             for length in served:
                 part = nll[: length - 1]
                 per_length[length].append(DocumentNLL(index, float(part.double().sum()), part.numel()))
-            bar.update(1)
     missing = [length for length in lengths if not per_length[length]]
     if missing:
         longest_doc = max(doc.numel() for doc in documents)
@@ -419,16 +430,18 @@ def _sliding(
     lengths: list[int],
     stride: int,
     chunk_size: int,
-    progress: bool,
+    progress: bool | None,
 ) -> tuple[LengthResult, ...]:
     windows = {
         (length, index): list(sliding_windows(doc.numel(), length, stride))
         for length in lengths
         for index, doc in enumerate(documents)
     }
-    total = sum(len(w) for w in windows.values())
+    total = sum(end - begin for spans in windows.values() for begin, end, _ in spans)
+    count = sum(len(spans) for spans in windows.values())
+    number = 0
     results = []
-    with _progress(total, progress, "perplexity") as bar:
+    with TokenProgress(model, total=total, desc="perplexity", enabled=progress, extra_stages=1) as meter:
         for length in lengths:
             docs = []
             for index, doc in enumerate(documents):
@@ -436,11 +449,12 @@ def _sliding(
                 for begin, end, first_new in windows[(length, index)]:
                     labels = doc[begin:end].clone()
                     labels[: first_new - begin] = -100
-                    nll = token_nll(model, doc[begin:end], labels=labels, chunk_size=chunk_size)
+                    number += 1
+                    meter.set_postfix(f"window {number}/{count}, {end - begin} tokens")
+                    nll = _token_nll(model, doc[begin:end].reshape(1, -1), labels, chunk_size, meter)
                     scored = nll[~torch.isnan(nll)]
                     nll_sum += float(scored.double().sum())
                     tokens += scored.numel()
-                    bar.update(1)
                 if tokens:
                     docs.append(DocumentNLL(index, nll_sum, tokens))
             if not docs:

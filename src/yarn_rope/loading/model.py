@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from .. import _compat
 from ..config import RopeScaling, read_rope
 from ..patch import patch
 from ..rotary import AngleMode
+from .checkpoint import check_weights
 from .hardware import choose_dtype
 from .plan import HUB_KEYS, LoadPlan, plan_load
 
@@ -142,6 +144,9 @@ def from_pretrained(
         **{key: kwargs[key] for key in HUB_KEYS if key in kwargs},
     )
     _log_plan(plan)
+    folder = Path(os.fspath(name_or_path))
+    if gguf_file is None and folder.is_dir():
+        check_weights(folder / kwargs["subfolder"] if kwargs.get("subfolder") else folder)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if gguf_file is None:

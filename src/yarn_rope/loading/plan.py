@@ -20,7 +20,6 @@ from .. import methods as M
 from ..config import RopeDeclaration, RopeScaling, read_rope
 from .checkpoint import (
     check_shards,
-    check_weights,
     config_file,
     read_json,
     remote_modeling_entry,
@@ -202,8 +201,6 @@ def plan_load(
         raw = read_json(config_path)
         where = str(config_path)
         check_shards(config_path.parent)
-        if Path(source).is_dir():
-            check_weights(config_path.parent)
         numel_or_none = safetensors_numel(config_path.parent)
         weight_bytes = None if numel_or_none is None else numel_or_none * bytes_per
 

