@@ -122,3 +122,108 @@ class TestExamples:
         rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("plain", "YaRN"))]
         assert [row[0] for row in rows] == ["plain", "YaRN"]
         assert all(0.0 < float(row[2]) < 20.0 for row in rows)  # NLL of the first tokens, in nats
+
+
+# ------------------------------------------------------------------------------------------------
+# Every user mistake: one line naming the flag or file, exit status 2, before any model is loaded,
+# nothing half-written (issue 11)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_folder(tmp_path, save_byte_tokenizer):
+    """A tiny Llama checkpoint with the byte tokenizer."""
+    import transformers
+
+    folder = tmp_path / "tiny"
+    save_byte_tokenizer(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=258, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    from yarn_rope.cli import _common
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(_common, "load_model", refuse)
+
+
+def one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+class TestUserMistakes:
+    @pytest.mark.parametrize("flag", ["--json", "--plot"])
+    def test_output_that_is_a_folder(self, tmp_path, capsys, no_model_load, flag):
+        folder = tmp_path / "results"
+        folder.mkdir()
+        assert cli.main(["eval", "perplexity", flag, str(folder)]) == 2
+        one_line_error(capsys, flag, str(folder), "folder")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no results.tmp left
+
+    @pytest.mark.parametrize(
+        "command", [["eval", "perplexity"], ["eval", "passkey"], ["eval", "ruler"], ["demo"]]
+    )
+    def test_output_folder_that_does_not_exist(self, tmp_path, capsys, no_model_load, command):
+        target = tmp_path / "no" / "such" / "out.json"
+        assert cli.main([*command, "--json", str(target)]) == 2
+        one_line_error(capsys, "--json", "does not exist")
+
+    @pytest.mark.parametrize(
+        ("argv", "needles"),
+        [
+            (["eval", "passkey", "--lengths", "100000000"], ["--lengths", "100000000"]),
+            (["eval", "perplexity", "--method", "none", "--factor", "nan"], ["--factor", "nan"]),
+            (["eval", "perplexity", "--factor", "0.5"], ["--factor", "0.5"]),
+            (["eval", "perplexity", "--documents", "0"], ["--documents", "'0'"]),
+            (["eval", "passkey", "--trials", "-3"], ["--trials", "'-3'"]),
+            (["eval", "perplexity", "--stride", "0"], ["--stride", "'0'"]),
+            (["frequencies", "--method", "yarn2"], ["--method", "yarn2"]),
+        ],
+    )
+    def test_bad_values_are_one_argparse_line(self, capsys, no_model_load, argv, needles):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        one_line_error(capsys, *needles)
+
+    def test_binary_text_file_is_named(self, tmp_path, capsys, model_folder):
+        capsys.readouterr()  # the fixture's save bars are not the command's output
+        binary = tmp_path / "data.bin"
+        binary.write_bytes(bytes(range(256)) * 4)
+        argv = ["eval", "perplexity", "--model", str(model_folder), "--text", str(binary), "--lengths", "16"]
+        assert cli.main([*argv, "--no-progress"]) == 2
+        one_line_error(capsys, "--text", str(binary), "not UTF-8")
+
+    def test_model_folder_without_weights(self, tmp_path, capsys, model_folder):
+        capsys.readouterr()  # the fixture's save bars are not the command's output
+        for weights in model_folder.glob("*.safetensors"):
+            weights.unlink()
+        assert cli.main(["eval", "perplexity", "--model", str(model_folder), "--no-progress"]) == 2
+        one_line_error(capsys, str(model_folder), "no weights")
+
+    def test_model_folder_without_tokenizer(self, capsys, model_folder):
+        capsys.readouterr()  # the fixture's save bars are not the command's output
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (model_folder / name).unlink(missing_ok=True)
+        assert (
+            cli.main(["eval", "perplexity", "--model", str(model_folder), "--lengths", "16", "--no-progress"])
+            == 2
+        )
+        one_line_error(capsys, f"--model {model_folder}", "tokenizer")
+
+    def test_a_missing_model_folder(self, tmp_path, capsys):
+        assert cli.main(["eval", "passkey", "--model", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+        one_line_error(capsys, str(tmp_path / "nowhere"))

@@ -187,3 +187,71 @@ def test_load_default_model_uses_the_fixed_tokenizer(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: FakeModel())
     _, tokenizer = data.load_default_model()
     assert tokenizer == "tokenizer" and calls == [(path.parent, path.name)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The de-quantised model's cache
+# ------------------------------------------------------------------------------------------------
+
+
+class TestDefaultModelCache:
+    def test_location_follows_the_environment(self, monkeypatch, tmp_path):
+        monkeypatch.setenv("YARN_ROPE_CACHE", str(tmp_path / "here"))
+        assert data.default_model_cache() == tmp_path / "here"
+        for off in ("", "0", "off", "OFF"):
+            monkeypatch.setenv("YARN_ROPE_CACHE", off)
+            assert data.default_model_cache() is None
+        monkeypatch.delenv("YARN_ROPE_CACHE")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert data.default_model_cache() == tmp_path / "xdg" / "yarn_rope"
+
+    @pytest.mark.slow
+    def test_cached_model_is_the_gguf_model(self, monkeypatch, tmp_path):
+        """A fresh cache: the first load fills it, the second reads it; both equal the GGUF load."""
+        import torch
+
+        _gguf_path()
+        monkeypatch.setenv("YARN_ROPE_CACHE", str(tmp_path))
+        reference, reference_tokenizer = data.load_default_model(cache=False)
+        assert list(tmp_path.iterdir()) == []
+        data.load_default_model()  # fills the cache
+        (folder,) = tmp_path.iterdir()
+        assert (folder / "model.safetensors").is_file() and not folder.name.startswith(".")
+        model, tokenizer = data.load_default_model()  # reads it
+        assert not hasattr(model.config, "quantization_config")  # loaded from the cache, not GGUF
+        ours, theirs = model.state_dict(), reference.state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+        assert (
+            model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+        )
+        assert tokenizer(DIGIT_HEAVY).input_ids == reference_tokenizer(DIGIT_HEAVY).input_ids
+        assert tokenizer.eos_token == reference_tokenizer.eos_token
+        assert tokenizer.chat_template == reference_tokenizer.chat_template
+        ids = torch.tensor([tokenizer(DIGIT_HEAVY).input_ids[:48]])
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, reference(ids).logits)
+
+    def test_a_cache_that_cannot_be_written_is_skipped(self, tmp_path, caplog):
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=64,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            )
+        )
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        with caplog.at_level(logging.WARNING, logger="yarn_rope.eval.data"):
+            data._save_to_cache(blocker / "model", model, tokenizer=None)
+        assert "could not cache the default model" in caplog.text
+        assert sorted(tmp_path.iterdir()) == [blocker]
+        # A failure half-way (here: no tokenizer to save) leaves no half-written folder behind.
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="yarn_rope.eval.data"):
+            data._save_to_cache(tmp_path / "cache" / "model", model, tokenizer=None)
+        assert "AttributeError" in caplog.text
+        assert list((tmp_path / "cache").iterdir()) == []

@@ -925,7 +925,7 @@ class TestSmolLM2:
         # length, so the trained context must be one of the lengths: pretend it is 256.
         monkeypatch.setattr(cli.demo, "QUICK_LENGTHS", [256, 512])
         monkeypatch.setattr(model.config, "max_position_embeddings", 256)
-        monkeypatch.setattr(yarn_rope.eval.data, "load_default_model", lambda: (model, tokenizer))
+        monkeypatch.setattr(yarn_rope.eval.data, "load_default_model", lambda **_: (model, tokenizer))
         out, png = tmp_path / "demo.json", tmp_path / "demo.png"
         assert cli.main(["demo", "--quick", "--json", str(out), "--plot", str(png), "--no-progress"]) == 0
         printed = capsys.readouterr().out

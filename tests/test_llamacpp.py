@@ -1,10 +1,11 @@
 """The export proved against a real engine: llama.cpp (llama-cpp-python) on SmolLM2-135M.
 
-The same token ids (the first tokens of ``_pydecimal.py`` as transformers tokenizes them; llama.cpp
-tokenizes this GGUF slightly differently) go to yarn_rope (``token_nll`` on the model from
+The same token ids (the first tokens of ``_pydecimal.py`` from ``load_default_model``'s tokenizer,
+which splits text as llama.cpp does: tests/test_data.py) go to yarn_rope (``token_nll`` on the model from
 ``load_default_model``, patched with YaRN x2) and to llama.cpp, served two ways from
 ``yarn_rope.export``: the exported GGUF copy (no rope flags) and the exported llama.cpp settings on
-the original file. Plain RoPE at 4,096 tokens and YaRN x2 at 12,288 (beyond the trained 8,192).
+the original file. Plain RoPE at 4,096 tokens and YaRN x2 at 12,288 (beyond the trained 8,192),
+each way and each weight file once, and both ways on the same file compared directly.
 
 Two weight files: the shipped Q4_1 file (llama.cpp also rounds layer inputs to 8 bits in Q4_1
 products, so the two agree to ~0.25% in perplexity: held to 0.5%), and a float32 copy made with
@@ -18,7 +19,7 @@ same comparison.
 
 llama.cpp 0c1e57098 (llama-cpp-python 0.3.36) crashes in its AMX kernels on this project's CPU
 for Q4_1 (ggml_backend_amx_mul_mat), so models load with ``use_extra_bufts=False`` (its plain CPU
-kernels). About 8 minutes on 2 cores. With ``YARN_ROPE_LLAMACPP_REPORT=FILE`` set, every comparison
+kernels). With ``YARN_ROPE_LLAMACPP_REPORT=FILE`` set, every comparison
 is appended to FILE as a JSON line (the README's table comes from such a run).
 """
 
@@ -52,6 +53,7 @@ PLAIN_TOKENS = 4096
 YARN_TOKENS = 12288
 WRONG_TOKENS = 4096  # a prefix of the YaRN comparison: the model is causal, the table static
 MISTRAL_TOKENS = 2048
+EQUAL_TOKENS = 1024
 # The settings of the authors' Mistral code (betas 128/2, temperature 0.07 ln s + 1), at factor 4:
 # through llama.cpp they need the beta flags and the GGUF attn_factor (--override-kv).
 MISTRAL_LIKE = yarn_rope.RopeScaling(
@@ -205,20 +207,29 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def served(
-    weights: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[tuple[str, str, str], Any]:
-    """(weights, method, path) -> (file, llama_cpp.Llama keywords) for path "gguf" and "flags"."""
+def served(weights: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``served(weights, method, path)`` -> (file, llama_cpp.Llama keywords), made on first use.
+
+    ``path`` "gguf" is the exported GGUF copy (the settings in the file), "flags" the original file
+    with the exported llama.cpp settings; ``method`` "plain" or "yarn" (x2).
+    """
     folder = tmp_path_factory.mktemp("exported")
-    out: dict[tuple[str, str, str], Any] = {}
-    for name, path in weights.items():
-        for method, settings in (("plain", {"method": "none"}), ("yarn", {"factor": 2.0})):
-            copy = export(path, "gguf", out=folder / f"{name}-{method}.gguf", progress=False, **settings)
-            assert copy.output is not None
-            out[(name, method, "gguf")] = (copy.output, copy.python)
-            flags = export(path, "llama.cpp", **settings)
-            out[(name, method, "flags")] = (path, flags.python)
-    return out
+    made: dict[tuple[str, str, str], tuple[Path, dict[str, Any]]] = {}
+
+    def serve(name: str, method: str, path: str) -> tuple[Path, dict[str, Any]]:
+        if (name, method, path) not in made:
+            settings: dict[str, Any] = {"method": "none"} if method == "plain" else {"factor": 2.0}
+            if path == "gguf":
+                out = folder / f"{name}-{method}.gguf"
+                copy = export(weights[name], "gguf", out=out, progress=False, **settings)
+                assert copy.output is not None
+                made[(name, method, path)] = (Path(copy.output), copy.python)
+            else:
+                flags = export(weights[name], "llama.cpp", **settings)
+                made[(name, method, path)] = (weights[name], flags.python)
+        return made[(name, method, path)]
+
+    return serve
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,8 +238,8 @@ def served(
 
 
 def test_exported_settings_are_what_llamacpp_reads(served):
-    _, gguf_settings = served[("q4_1", "yarn", "gguf")]
-    _, flag_settings = served[("q4_1", "yarn", "flags")]
+    _, gguf_settings = served("q4_1", "yarn", "gguf")
+    _, flag_settings = served("q4_1", "yarn", "flags")
     # The copy carries YaRN itself; only the betas stay as keywords (llama_cpp.Llama's own defaults
     # would override the file's otherwise).
     assert "rope_scaling_type" not in gguf_settings and gguf_settings["n_ctx"] == 16384
@@ -237,25 +248,40 @@ def test_exported_settings_are_what_llamacpp_reads(served):
     assert flag_settings["yarn_ext_factor"] == 1.0
 
 
-@pytest.mark.parametrize("path", ["gguf", "flags"])
-@pytest.mark.parametrize("weights_name", ["f32", "q4_1"])
+# Each weight file is served each way once across the two comparisons below (a Latin square): the
+# float32 file proves the numbers, the Q4_1 file that the shipped weights work; the paths differ
+# only in where the settings travel, which test_each_path_serves_the_same_numbers checks directly.
+@pytest.mark.parametrize(("weights_name", "path"), [("f32", "flags"), ("q4_1", "gguf")])
 def test_plain_rope_agrees(reference, served, weights_name, path):
-    file, settings = served[(weights_name, "plain", path)]
+    file, settings = served(weights_name, "plain", path)
     nll = llamacpp_nll(file, reference["ids"][:PLAIN_TOKENS], float32_cache=weights_name == "f32", **settings)
     relative, mean_token = _compare(reference["plain"], nll, weights=weights_name, path=path, method="plain")
     assert _agrees(weights_name, relative, mean_token), (relative, mean_token)
 
 
-@pytest.mark.parametrize("path", ["gguf", "flags"])
-@pytest.mark.parametrize("weights_name", ["f32", "q4_1"])
+@pytest.mark.parametrize(("weights_name", "path"), [("f32", "gguf"), ("q4_1", "flags")])
 def test_yarn_agrees_beyond_the_trained_context(reference, served, weights_name, path):
-    file, settings = served[(weights_name, "yarn", path)]
+    file, settings = served(weights_name, "yarn", path)
     nll = llamacpp_nll(file, reference["ids"], float32_cache=weights_name == "f32", **settings)
     relative, mean_token = _compare(reference["yarn"], nll, weights=weights_name, path=path, method="yarn x2")
     assert _agrees(weights_name, relative, mean_token), (relative, mean_token)
     # Past the trained context too: the last 4,096 tokens alone.
     tail_relative, _ = _compare(reference["yarn"][-4096:], nll[-4096:])
     assert tail_relative < (F32_PERPLEXITY * 3 if weights_name == "f32" else Q4_PERPLEXITY)
+
+
+def test_each_path_serves_the_same_numbers(reference, served):
+    """The GGUF copy and the flags on the original file give llama.cpp the same YaRN table."""
+    ids = reference["ids"][:EQUAL_TOKENS]
+    nll = {}
+    for method, path in (("yarn", "gguf"), ("yarn", "flags"), ("plain", "gguf")):
+        file, settings = served("q4_1", method, path)
+        nll[(method, path)] = llamacpp_nll(file, ids, **settings)
+    through_file = nll[("yarn", "gguf")]
+    np.testing.assert_allclose(through_file, nll[("yarn", "flags")], rtol=0, atol=1e-6)
+    # ... and not plain RoPE's: the comparison can tell them apart at this length.
+    plain = nll[("plain", "gguf")]
+    assert np.abs(plain - through_file).mean() > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -269,7 +295,7 @@ def test_wrong_settings_fail_the_comparison(reference, served, weights, wrong):
     if wrong is None:
         file, settings = weights["f32"], {}
     else:
-        file, exported = served[("f32", "yarn", "flags")]
+        file, exported = served("f32", "yarn", "flags")
         settings = {**exported, **wrong}
     nll = llamacpp_nll(file, reference["ids"][:WRONG_TOKENS], float32_cache=True, **settings)
     label = "yarn left out" if wrong is None else "yarn_ext_factor = factor"

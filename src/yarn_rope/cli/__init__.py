@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
 from . import _common, demo, evaluate, export, finetune, frequencies, harness, inspection, report, ruler
@@ -17,9 +18,16 @@ from . import _common, demo, evaluate, export, finetune, frequencies, harness, i
 __all__ = ["build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``yarn-rope eval passkey: error: argument --lengths: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``yarn-rope`` argument parser with every command registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="yarn-rope",
         description="Exact YaRN context-window extension for Hugging Face transformers models.",
         **_common.example("yarn-rope demo --quick"),
@@ -51,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.handler(args))
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
-        print(f"yarn-rope: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        # Every user mistake is one line; OSError covers files that cannot be read or written
+        # (FileNotFoundError, IsADirectoryError, PermissionError) and an unreachable Hub.
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"yarn-rope: error: {message}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -54,7 +55,27 @@ def parse_lengths(text: str) -> list[int]:
         ) from None
     if not lengths or any(n < 2 for n in lengths):
         raise argparse.ArgumentTypeError(f"--lengths must be whole numbers >= 2, got {text!r}")
+    from ..eval.perplexity import MAX_LENGTH
+
+    if max(lengths) > MAX_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"--lengths {max(lengths)} is beyond {MAX_LENGTH} tokens, more than any model reads; "
+            "pass lengths in tokens, e.g. 4096,8192"
+        )
     return lengths
+
+
+def scale_factor(text: str) -> float:
+    """argparse type of ``--factor``: a finite number >= 1 (the context extension ratio)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 2 or 4, got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number >= 1 (the context extension ratio), got {text!r}"
+        )
+    return value
 
 
 def load_tokenizer(model: str, gguf_file: str | None) -> Any:
@@ -63,9 +84,18 @@ def load_tokenizer(model: str, gguf_file: str | None) -> Any:
 
     from ..eval.data import load_gguf_tokenizer
 
-    if gguf_file is not None:
-        return load_gguf_tokenizer(model, gguf_file)
-    return transformers.AutoTokenizer.from_pretrained(model)
+    try:
+        if gguf_file is not None:
+            return load_gguf_tokenizer(model, gguf_file)
+        return transformers.AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as error:
+        # transformers' messages for a missing tokenizer name sentencepiece or tiktoken, not the folder
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"--model {model}: no usable tokenizer (tokenizer.json, tokenizer.model or "
+            "tokenizer_config.json) "
+            f"in it; copy the tokenizer files of the checkpoint there ({first[:160]})"
+        ) from None
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
@@ -130,6 +160,11 @@ def documents(args: argparse.Namespace, count: int = 1) -> list[tuple[str, str]]
                 documents.append((os.path.basename(path), handle.read()))
         except OSError as error:
             raise FileNotFoundError(f"cannot read --text {path}: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"--text {path} is not UTF-8 text (byte {error.start}: {error.reason}); pass a plain-text "
+                "file"
+            ) from None
     return documents
 
 
@@ -168,12 +203,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         ValueError: a plot file whose extension is not PNG, SVG or PDF.
         ImportError: ``--plot`` without matplotlib.
     """
-    for flag, path in (("--json", getattr(args, "json", None)), ("--plot", getattr(args, "plot", None))):
-        if not path:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist")
+    for flag in ("--json", "--plot", "--out"):
+        check_output(getattr(args, flag[2:], None), flag)
     plot = getattr(args, "plot", None)
     if plot:
         if os.path.splitext(plot)[1].lower() not in PLOT_SUFFIXES:
@@ -208,7 +239,7 @@ def add_model_arguments(command: argparse.ArgumentParser, *, default_methods: st
         choices=METHODS,
         help=f"repeat to compare several (default: {default_methods})",
     )
-    command.add_argument("--factor", type=float, default=2.0, help="scale factor (default 2)")
+    command.add_argument("--factor", type=scale_factor, default=2.0, help="scale factor (default 2)")
     command.add_argument(
         "--original-max-position-embeddings",
         type=int,
@@ -219,14 +250,20 @@ def add_model_arguments(command: argparse.ArgumentParser, *, default_methods: st
 
 
 def check_output(path: str | None, flag: str) -> None:
-    """A one-line error before any model is loaded when ``flag``'s file cannot be written."""
-    if not path:
+    """A one-line error before any model is loaded when ``flag``'s file cannot be written.
+
+    Raises:
+        FileNotFoundError: the folder does not exist, the path is a folder, or it is not writable.
+    """
+    if not path or not isinstance(path, str):
         return
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {flag} {path}: the folder {folder} does not exist")
     if os.path.isdir(path):
-        raise FileNotFoundError(f"cannot write {flag} {path}: it is a folder")
+        raise FileNotFoundError(f"cannot write {flag} {path}: it is a folder; name a file in it")
+    if not os.access(folder, os.W_OK):
+        raise FileNotFoundError(f"cannot write {flag} {path}: the folder {folder} is not writable")
 
 
 def positive_int(text: str) -> int:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 from typing import Any
 
-from ..methods import METHODS
 from . import _common as common
 
 
@@ -36,10 +34,9 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_passkey(args: argparse.Namespace) -> int:
-    from ..eval.compare import scaling_for
+    from ..eval.compare import applied, scaling_for
     from ..eval.passkey import passkey
     from ..eval.results import EvalRecord
-    from ..patch import patched
 
     common.check_outputs(args)
     model, tokenizer, original = common.load_model(args)
@@ -47,10 +44,7 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
     records: list[EvalRecord] = []
     for method in args.method or ["none", "yarn"]:
         scaling = scaling_for(method, factor=args.factor, original_max_position_embeddings=original)
-        context = (
-            contextlib.nullcontext() if scaling.method == "none" else patched(model, scaling, replace=True)
-        )
-        with context:
+        with applied(model, scaling):
             result = passkey(
                 model,
                 tokenizer,
@@ -93,24 +87,7 @@ def register(commands: Any) -> Any:
         ),
     ):
         sub = kinds.add_parser(kind, help=help_text, description=help_text, **common.example(example))
-        sub.add_argument(
-            "--model", default=None, help="checkpoint folder or Hub name (default: SmolLM2-135M-Instruct)"
-        )
-        sub.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
-        sub.add_argument(
-            "--method",
-            action="append",
-            choices=METHODS,
-            help="repeat to compare several (default: none, yarn)",
-        )
-        sub.add_argument("--factor", type=float, default=2.0, help="scale factor (default 2)")
-        sub.add_argument(
-            "--original-max-position-embeddings",
-            type=int,
-            default=None,
-            metavar="L",
-            help="trained context (default: what the model declares)",
-        )
+        common.add_model_arguments(sub, default_methods="none, yarn")
         sub.add_argument(
             "--lengths", type=common.parse_lengths, default=[4096, 8192], help="comma-separated lengths"
         )
@@ -118,7 +95,10 @@ def register(commands: Any) -> Any:
         common.add_progress_flags(sub)
         if kind == "perplexity":
             sub.add_argument(
-                "--stride", type=int, default=None, help="sliding windows (default: truncate mode)"
+                "--stride",
+                type=common.positive_int,
+                default=None,
+                help="sliding windows (default: truncate mode)",
             )
             sub.add_argument(
                 "--text",
@@ -127,10 +107,14 @@ def register(commands: Any) -> Any:
                 metavar="FILE",
                 help="plain-text documents (default: the longest stdlib source files)",
             )
-            sub.add_argument("--documents", type=int, default=1, help="default corpus: how many files")
+            sub.add_argument(
+                "--documents", type=common.positive_int, default=1, help="default corpus: how many files"
+            )
             sub.add_argument("--plot", default=None, metavar="OUT.png", help="plot perplexity vs length")
         else:
-            sub.add_argument("--trials", type=int, default=5, help="prompts per length (default 5)")
+            sub.add_argument(
+                "--trials", type=common.positive_int, default=5, help="prompts per length (default 5)"
+            )
             sub.add_argument("--seed", type=int, default=0)
         sub.set_defaults(handler=handler)
     return kinds

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,6 @@ _ENTRY_POINTS = {
 
 def _call(name: str, keywords: dict[str, Any]) -> str:
     return f"{name}(" + ", ".join(f"{key}={value!r}" for key, value in keywords.items()) + ")"
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(temporary, path)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -119,7 +111,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if result.output is not None:
         print(f"wrote {result.output}")
     if args.json:
-        _write_json(args.json, result.to_dict())
+        common.write_data(args.json, result.to_dict())
         print(f"wrote {args.json}")
     return 0
 

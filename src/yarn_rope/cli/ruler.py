@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import time
 from typing import Any
@@ -40,11 +39,10 @@ def _depths(text: str) -> list[float]:
 
 
 def _cmd_eval_ruler(args: argparse.Namespace) -> int:
-    from ..eval.compare import scaling_for
+    from ..eval.compare import applied, scaling_for
     from ..eval.report import markdown_table, plot_depth_heatmap
     from ..eval.results import EvalRecord
     from ..eval.ruler import NEEDLE_TASKS, ruler
-    from ..patch import patched
 
     common.check_output(args.json, "--json")
     common.check_output(args.plot, "--plot")
@@ -65,10 +63,7 @@ def _cmd_eval_ruler(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     for method in args.method or ["none", "yarn"]:
         scaling = scaling_for(method, factor=args.factor, original_max_position_embeddings=original)
-        context = (
-            contextlib.nullcontext() if scaling.method == "none" else patched(model, scaling, replace=True)
-        )
-        with context:
+        with applied(model, scaling):
             result = ruler(
                 model,
                 tokenizer,

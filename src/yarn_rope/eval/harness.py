@@ -484,8 +484,8 @@ def compare_harness(
     Returns:
         One :class:`HarnessResult` per column, the unpatched model first.
     """
-    from ..patch import patched, unpatched
-    from .compare import scaling_for
+    from ..patch import unpatched
+    from .compare import applied, scaling_for
 
     if isinstance(tasks, HarnessTasks):
         if num_fewshot is not None or include_path is not None:
@@ -502,9 +502,8 @@ def compare_harness(
             scaling = scaling_for(
                 method, factor=factor, original_max_position_embeddings=original_max_position_embeddings
             )
-            context = contextlib.nullcontext() if method == "none" else patched(model, scaling, replace=True)
             logger.info("harness under %s", method)
-            with context:
+            with applied(model, scaling):
                 results.append(
                     harness(
                         model,

@@ -296,11 +296,21 @@ def _is_dynamic(model: Any) -> bool:
         return False
 
 
+#: The longest length an evaluation accepts: far beyond any model's context (the longest read
+#: ~10M tokens); a 100M-token request is a typo, not days of work to start.
+MAX_LENGTH = 1 << 24
+
+
 def check_lengths(lengths: int | Sequence[int], *, minimum: int) -> list[int]:
-    """``lengths`` as a list of distinct whole numbers ``>= minimum``, or a ValueError saying why."""
+    """``lengths`` as distinct whole numbers in ``[minimum, MAX_LENGTH]``, or a ValueError saying why."""
     values = [lengths] if isinstance(lengths, int) else list(lengths)
     if not values or any(isinstance(n, bool) or not isinstance(n, int) or n < minimum for n in values):
         raise ValueError(f"lengths must be whole numbers >= {minimum}, got {lengths!r}")
+    if max(values) > MAX_LENGTH:
+        raise ValueError(
+            f"length {max(values)} is beyond {MAX_LENGTH} tokens, more than any model reads; lengths are in "
+            "tokens, e.g. [4096, 8192]"
+        )
     if len(set(values)) != len(values):
         raise ValueError(f"lengths must not repeat, got {values!r}")
     return values
