@@ -16,7 +16,6 @@ for the names in :data:`GGUF_PRE_TOKENIZERS` and logs the names it does not know
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import json
@@ -28,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .._compat import drop_unpacked_gguf_marker
 from .._progress import transformers_bars
 
 __all__ = [
@@ -259,7 +259,6 @@ def _cache_folder(root: Path, gguf_path: Path) -> Path:
 def _save_to_cache(folder: Path, model: Any, tokenizer: Any) -> None:
     """Save ``model`` (float32) and ``tokenizer`` into ``folder`` atomically; never raises."""
     import torch
-    from safetensors.torch import save_file
 
     if next(model.parameters()).dtype != torch.float32:
         return  # the cache holds the file's values exactly: float32 only
@@ -267,23 +266,7 @@ def _save_to_cache(folder: Path, model: Any, tokenizer: Any) -> None:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        # save_pretrained refuses a model loaded from GGUF (transformers keeps its quantizer on
-        # it), so the config and the float32 weights are written directly; tied weights once.
-        config = copy.deepcopy(model.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(temporary)
-        weights = model.state_dict()
-        embeddings = model.get_input_embeddings().weight
-        for name in [name for name, value in weights.items() if value.data_ptr() == embeddings.data_ptr()][
-            1:
-        ]:
-            del weights[name]  # lm_head.weight of a tied model: transformers ties it on load
-        save_file(
-            {name: value.contiguous() for name, value in weights.items()},
-            temporary / "model.safetensors",
-            metadata={"format": "pt"},
-        )
+        model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         temporary.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users
         os.rename(temporary, folder)  # atomic; fails if another process got there first
@@ -341,6 +324,9 @@ def load_default_model(
         tokenizer = load_gguf_tokenizer(path.parent, path.name)
         with transformers_bars(progress):
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        # Every weight was unpacked to float; transformers still marks the model GGUF-quantized, so
+        # that save_pretrained would refuse it (see _compat): the stale marker goes.
+        drop_unpacked_gguf_marker(model)
         if folder is not None:
             _save_to_cache(folder, model, tokenizer)
     model.eval()  # type: ignore[no-untyped-call]
