@@ -185,7 +185,7 @@ def test_load_default_model_uses_the_fixed_tokenizer(monkeypatch):
 
     monkeypatch.setattr(data, "load_gguf_tokenizer", fake_tokenizer)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: FakeModel())
-    _, tokenizer = data.load_default_model()
+    _, tokenizer = data.load_default_model(cache=False)  # the GGUF path (the cache: below)
     assert tokenizer == "tokenizer" and calls == [(path.parent, path.name)]
 
 
