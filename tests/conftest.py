@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +31,56 @@ def _save_byte_tokenizer(folder: Path) -> int:
 def save_byte_tokenizer() -> Callable[[Path], int]:
     """Saves a tiny offline tokenizer into a checkpoint folder (tests need no Hub)."""
     return _save_byte_tokenizer
+
+
+@pytest.fixture(scope="session")
+def save_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Any], Path]:
+    """Saves a model with the byte tokenizer into a new folder, a local checkpoint; returns it."""
+
+    def save(model: Any) -> Path:
+        folder = tmp_path_factory.mktemp("tiny-checkpoint")
+        _save_byte_tokenizer(folder)
+        model.save_pretrained(folder)
+        return folder
+
+    return save
+
+
+@pytest.fixture
+def cli_loads_no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command gets as far as loading its model (mistakes come first)."""
+    from yarn_rope.cli import _common
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(_common, "load_model", refuse)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run_benchmark(name: str, tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert isinstance(report["headline"], float) and "headline" in result.stdout
+    assert not list(tmp_path.glob(f".{name}.json.*")), "the JSON writer left a temporary file"
+    return report, result.stdout
+
+
+@pytest.fixture(scope="session")
+def run_benchmark() -> Callable[..., tuple[dict[str, Any], str]]:
+    """``run_benchmark(name, tmp_path, *args)`` runs ``benchmarks/<name>`` with ``args`` and
+    ``--json``: (the report, its printed output). It checks what every benchmark promises: exit
+    status 0, a float headline that is also printed, no temporary file left by the JSON writer."""
+    return _run_benchmark
 
 
 @pytest.fixture

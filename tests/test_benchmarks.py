@@ -22,22 +22,6 @@ BENCHMARKS = ROOT / "benchmarks"
 pytestmark = pytest.mark.slow
 
 
-def run_script(name: str, tmp_path: Path, *args: str) -> tuple[dict, str]:
-    """Run ``benchmarks/<name>`` with ``args`` and ``--json``; (the report, its printed output)."""
-    out = tmp_path / f"{name}.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *args, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert isinstance(report["headline"], float) and "headline" in result.stdout
-    assert not list(tmp_path.glob(f".{name}.json.*")), "the JSON writer left a temporary file"
-    return report, result.stdout
-
-
 @pytest.fixture(scope="module")
 def common():
     """The benchmarks' shared module, imported the way the scripts import it."""
@@ -136,8 +120,8 @@ class TestCommon:
 # Every script at its smallest size
 
 
-def test_rope_precision_smallest(tmp_path):
-    report, _out = run_script("rope_precision.py", tmp_path, "--max-position", "8192", "--chunk", "3000")
+def test_rope_precision_smallest(tmp_path, run_benchmark):
+    report, _out = run_benchmark("rope_precision.py", tmp_path, "--max-position", "8192", "--chunk", "3000")
     first, second = report["bands"]
     assert (first["to"], second["to"]) == (4095, 8191)
     for band in report["bands"]:
@@ -154,9 +138,9 @@ def test_rope_precision_smallest(tmp_path):
     )
 
 
-def test_patch_overhead_smallest(tmp_path):
+def test_patch_overhead_smallest(tmp_path, run_benchmark):
     tiny = ["--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--vocab", "256"]
-    report, _out = run_script(
+    report, _out = run_benchmark(
         "patch_overhead.py",
         tmp_path,
         "--context",
@@ -175,8 +159,8 @@ def test_patch_overhead_smallest(tmp_path):
     assert [row["call"] for row in report["rotary_alone"]] == ["prefill", "decode"]
 
 
-def test_eval_memory_smallest(tmp_path):
-    report, _out = run_script("eval_memory.py", tmp_path, "--model", "tiny", "--lengths", "128", "512")
+def test_eval_memory_smallest(tmp_path, run_benchmark):
+    report, _out = run_benchmark("eval_memory.py", tmp_path, "--model", "tiny", "--lengths", "128", "512")
     records = {(r["method"], r["length"]): r for r in report["records"]}
     assert set(records) == {(m, n) for m in ("yarn_rope", "naive") for n in (128, 512)}
     for length in (128, 512):  # the two evaluations score the same tokens: same perplexity
@@ -188,8 +172,8 @@ def test_eval_memory_smallest(tmp_path):
     )
 
 
-def test_eval_throughput_smallest(tmp_path):
-    report, out = run_script(
+def test_eval_throughput_smallest(tmp_path, run_benchmark):
+    report, out = run_benchmark(
         "eval_throughput.py",
         tmp_path,
         "--model",
@@ -210,8 +194,8 @@ def test_eval_throughput_smallest(tmp_path):
     assert "multiply-add = 2" in out
 
 
-def test_gpu_script_cpu_path(tmp_path):
-    report, _out = run_script(
+def test_gpu_script_cpu_path(tmp_path, run_benchmark):
+    report, _out = run_benchmark(
         "gpu.py",
         tmp_path,
         "--device",
@@ -238,8 +222,8 @@ def test_gpu_script_cpu_path(tmp_path):
     assert not math.isnan(report["headline"])
 
 
-def test_longrope_switch_smallest(tmp_path):
-    report, printed = run_script(
+def test_longrope_switch_smallest(tmp_path, run_benchmark):
+    report, printed = run_benchmark(
         "longrope_switch.py", tmp_path, "--original", "64", "--layers", "1", "--rounds", "2"
     )
     # Each crossing of the switch re-rotated the cache exactly once (short -> long factors).

@@ -146,16 +146,6 @@ def model_folder(tmp_path, save_byte_tokenizer):
     return folder
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    from yarn_rope.cli import _common
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the mistake was reported")
-
-    monkeypatch.setattr(_common, "load_model", refuse)
-
-
 def one_line_error(capsys, *needles: str) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
@@ -166,7 +156,7 @@ def one_line_error(capsys, *needles: str) -> str:
 
 class TestUserMistakes:
     @pytest.mark.parametrize("flag", ["--json", "--plot"])
-    def test_output_that_is_a_folder(self, tmp_path, capsys, no_model_load, flag):
+    def test_output_that_is_a_folder(self, tmp_path, capsys, cli_loads_no_model, flag):
         folder = tmp_path / "results"
         folder.mkdir()
         assert cli.main(["eval", "perplexity", flag, str(folder)]) == 2
@@ -176,7 +166,7 @@ class TestUserMistakes:
     @pytest.mark.parametrize(
         "command", [["eval", "perplexity"], ["eval", "passkey"], ["eval", "ruler"], ["demo"]]
     )
-    def test_output_folder_that_does_not_exist(self, tmp_path, capsys, no_model_load, command):
+    def test_output_folder_that_does_not_exist(self, tmp_path, capsys, cli_loads_no_model, command):
         target = tmp_path / "no" / "such" / "out.json"
         assert cli.main([*command, "--json", str(target)]) == 2
         one_line_error(capsys, "--json", "does not exist")
@@ -193,7 +183,7 @@ class TestUserMistakes:
             (["frequencies", "--method", "yarn2"], ["--method", "yarn2"]),
         ],
     )
-    def test_bad_values_are_one_argparse_line(self, capsys, no_model_load, argv, needles):
+    def test_bad_values_are_one_argparse_line(self, capsys, cli_loads_no_model, argv, needles):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
         assert exit_info.value.code == 2

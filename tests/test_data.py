@@ -255,3 +255,24 @@ class TestDefaultModelCache:
             data._save_to_cache(tmp_path / "cache" / "model", model, tokenizer=None)
         assert "AttributeError" in caplog.text
         assert list((tmp_path / "cache").iterdir()) == []
+
+    def test_cache_key_follows_the_file_and_hashes_it_once(self, tmp_path):
+        """The key is the file's SHA-256 (with the release); a changed file gets a new key."""
+        import hashlib
+        import os
+
+        import transformers as tf
+
+        weights = tmp_path / "model.gguf"
+        weights.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+        expected = hashlib.sha256(weights.read_bytes())
+        expected.update(f"transformers {tf.__version__}, format {data._CACHE_FORMAT}".encode())
+        data._file_digest.cache_clear()
+        first = data._cache_folder(tmp_path / "cache", weights)
+        assert first == tmp_path / "cache" / f"model-{expected.hexdigest()[:16]}"
+        assert data._cache_folder(tmp_path / "cache", weights) == first
+        assert data._file_digest.cache_info().misses == 1  # the second key came from the memo
+        weights.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 64)  # same size, new bytes
+        os.utime(weights, ns=(1, 1))  # and a different mtime, as any rewrite has
+        assert data._cache_folder(tmp_path / "cache", weights) != first
+        assert data._file_digest.cache_info().misses == 2

@@ -88,12 +88,9 @@ def byte_tokenizer(byte_tokenizer_folder):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, save_byte_tokenizer) -> Path:
+def tiny_checkpoint(save_checkpoint) -> Path:
     """A tiny Llama with the byte tokenizer, saved as a local checkpoint folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    save_byte_tokenizer(folder)
-    tiny_llama(seed=1).save_pretrained(folder)
-    return folder
+    return save_checkpoint(tiny_llama(seed=1))
 
 
 @pytest.fixture(scope="session")

@@ -4,39 +4,17 @@ promise (the headline is recomputed here from the reported figures); no figure i
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
 
 pytestmark = pytest.mark.slow
 
 
-def run_script(name: str, tmp_path: Path, *args: str) -> tuple[dict, str]:
-    out = tmp_path / f"{name}.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *args, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert isinstance(report["headline"], float) and "headline" in result.stdout
-    assert not list(tmp_path.glob(f".{name}.json.*")), "the JSON writer left a temporary file"
-    return report, result.stdout
-
-
-def test_finetune_extension_smoke(tmp_path):
+def test_finetune_extension_smoke(tmp_path, run_benchmark):
     plot = importlib.util.find_spec("matplotlib") is not None
     args = ["--preset", "smoke", *(["--plot", str(tmp_path / "plot.png")] if plot else [])]
-    report, printed = run_script("finetune_extension.py", tmp_path, *args)
+    report, printed = run_benchmark("finetune_extension.py", tmp_path, *args)
     lengths = report["lengths"]
     context = report["sizes"]["context"]
     assert lengths == [context, 2 * context, 4 * context, 8 * context]
@@ -59,8 +37,8 @@ def test_finetune_extension_smoke(tmp_path):
         assert (tmp_path / "plot.png").stat().st_size > 1000
 
 
-def test_gpu_finetune_cpu_path(tmp_path):
-    report, printed = run_script("gpu_finetune.py", tmp_path)
+def test_gpu_finetune_cpu_path(tmp_path, run_benchmark):
+    report, printed = run_benchmark("gpu_finetune.py", tmp_path)
     assert report["device"] == "cpu" and report["mixed_precision"] == "no"
     lengths = [str(n) for n in report["lengths"]]
     for key in ("plain_before", "yarn_before", "yarn_after"):

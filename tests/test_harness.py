@@ -292,11 +292,8 @@ class TestOffline:
             pytest.skip("arc_challenge is in this machine's dataset cache")
         assert "arc_challenge" in message and "unreachable" in message and "\n" not in message
 
-    def test_command_line(self, hub_offline, monkeypatch, capsys):
-        def no_model(args):
-            raise AssertionError("the model must not be loaded")
-
-        monkeypatch.setattr(cli._common, "load_model", no_model)
+    @pytest.mark.usefixtures("cli_loads_no_model")
+    def test_command_line(self, hub_offline, capsys):
         status = cli.main(["eval", "harness", "--tasks", "arc_challenge", "--limit", "5"])
         err = capsys.readouterr().err
         if status == 0:
@@ -312,11 +309,9 @@ class TestOffline:
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, save_byte_tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    save_byte_tokenizer(folder)
-    tiny_llama(seed=1).save_pretrained(folder)
-    return folder
+def tiny_checkpoint(save_checkpoint) -> Path:
+    """A tiny Llama with the byte tokenizer, saved as a local checkpoint folder."""
+    return save_checkpoint(tiny_llama(seed=1))
 
 
 class TestCommandLine:
@@ -359,11 +354,8 @@ class TestCommandLine:
         assert exit_info.value.code == 2
         assert flag in capsys.readouterr().err
 
-    def test_errors_before_the_model_loads(self, tmp_path, capsys, monkeypatch):
-        def no_model(args):
-            raise AssertionError("the model must not be loaded")
-
-        monkeypatch.setattr(cli._common, "load_model", no_model)
+    @pytest.mark.usefixtures("cli_loads_no_model")
+    def test_errors_before_the_model_loads(self, tmp_path, capsys):
         assert cli.main(["eval", "harness", "--include-path", str(tmp_path / "none")]) == 2
         assert "include_path" in capsys.readouterr().err
         assert cli.main(["eval", "harness", "--json", str(tmp_path / "no" / "x.json")]) == 2

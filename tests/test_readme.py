@@ -494,15 +494,9 @@ class TestDemoOutputs:
             (["--json", "no/such/folder/demo.json"], "--json no/such/folder/demo.json"),
         ],
     )
+    @pytest.mark.usefixtures("cli_loads_no_model")
     def test_bad_output_files_fail_before_loading(self, argv, expected, monkeypatch, capsys, tmp_path):
-        from yarn_rope.cli import _common
-
         monkeypatch.chdir(tmp_path)
-
-        def no_model(args):
-            raise AssertionError("the model was loaded before the output files were checked")
-
-        monkeypatch.setattr(_common, "load_model", no_model)
         assert cli.main(["demo", *argv]) == 2
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1

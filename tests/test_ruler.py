@@ -437,11 +437,9 @@ class TestRuler:
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, save_byte_tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    save_byte_tokenizer(folder)
-    tiny_llama(seed=1).save_pretrained(folder)
-    return folder
+def tiny_checkpoint(save_checkpoint) -> Path:
+    """A tiny Llama with the byte tokenizer, saved as a local checkpoint folder."""
+    return save_checkpoint(tiny_llama(seed=1))
 
 
 class TestCommandLine:
@@ -482,11 +480,8 @@ class TestCommandLine:
         assert exit_info.value.code == 2
         assert flag in capsys.readouterr().err
 
-    def test_errors_before_the_model_loads(self, tmp_path, capsys, monkeypatch):
-        def no_model(args):
-            raise AssertionError("the model must not be loaded")
-
-        monkeypatch.setattr(cli._common, "load_model", no_model)
+    @pytest.mark.usefixtures("cli_loads_no_model")
+    def test_errors_before_the_model_loads(self, tmp_path, capsys):
         missing = tmp_path / "missing.txt"
         assert cli.main(["eval", "ruler", "--text", str(missing)]) == 2
         assert "cannot read --text" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import importlib.util
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -124,6 +124,25 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
         original = int(model.config.max_position_embeddings)
     unpatch(model)
     return model, tokenizer, original
+
+
+def methods(args: argparse.Namespace) -> list[str]:
+    """The ``--method`` values, or plain RoPE and YaRN when none was given."""
+    return list(args.method or ["none", "yarn"])
+
+
+def each_method(model: Any, args: argparse.Namespace, original: int) -> Iterator[str]:
+    """Yield each method of :func:`methods` with ``model`` patched for it (``none``: left as is).
+
+    The model is restored before the next method and when the generator closes (the loop ends,
+    breaks or raises).
+    """
+    from ..eval.compare import applied, scaling_for
+
+    for method in methods(args):
+        scaling = scaling_for(method, factor=args.factor, original_max_position_embeddings=original)
+        with applied(model, scaling):
+            yield method
 
 
 def model_name(args: argparse.Namespace) -> str:

@@ -21,7 +21,7 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
         model,
         [text for _, text in documents],
         tokenizer=tokenizer,
-        methods=args.method or ["none", "yarn"],
+        methods=common.methods(args),
         factor=args.factor,
         original_max_position_embeddings=original,
         lengths=args.lengths,
@@ -34,7 +34,6 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_passkey(args: argparse.Namespace) -> int:
-    from ..eval.compare import applied, scaling_for
     from ..eval.passkey import passkey
     from ..eval.results import EvalRecord
 
@@ -42,17 +41,10 @@ def _cmd_eval_passkey(args: argparse.Namespace) -> int:
     model, tokenizer, original = common.load_model(args)
     rows: dict[str, dict[int, float]] = {}
     records: list[EvalRecord] = []
-    for method in args.method or ["none", "yarn"]:
-        scaling = scaling_for(method, factor=args.factor, original_max_position_embeddings=original)
-        with applied(model, scaling):
-            result = passkey(
-                model,
-                tokenizer,
-                lengths=args.lengths,
-                trials=args.trials,
-                seed=args.seed,
-                progress=args.progress,
-            )
+    for method in common.each_method(model, args, original):
+        result = passkey(
+            model, tokenizer, lengths=args.lengths, trials=args.trials, seed=args.seed, progress=args.progress
+        )
         rows[method] = result.accuracy
         records.extend(result.records(model=common.model_name(args), method=method))
     print("passkey accuracy" + "".join(f"{method:>12}" for method in rows))

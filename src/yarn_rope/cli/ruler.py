@@ -39,7 +39,6 @@ def _depths(text: str) -> list[float]:
 
 
 def _cmd_eval_ruler(args: argparse.Namespace) -> int:
-    from ..eval.compare import applied, scaling_for
     from ..eval.report import markdown_table, plot_depth_heatmap
     from ..eval.results import EvalRecord
     from ..eval.ruler import NEEDLE_TASKS, ruler
@@ -61,23 +60,21 @@ def _cmd_eval_ruler(args: argparse.Namespace) -> int:
     )
     records: list[EvalRecord] = []
     started = time.perf_counter()
-    for method in args.method or ["none", "yarn"]:
-        scaling = scaling_for(method, factor=args.factor, original_max_position_embeddings=original)
-        with applied(model, scaling):
-            result = ruler(
-                model,
-                tokenizer,
-                lengths=args.lengths,
-                tasks=args.tasks,
-                trials=args.trials,
-                seed=args.seed,
-                depths=args.depths,
-                haystack=haystack,
-                progress=args.progress,
-            )
+    for method in common.each_method(model, args, original):
+        result = ruler(
+            model,
+            tokenizer,
+            lengths=args.lengths,
+            tasks=args.tasks,
+            trials=args.trials,
+            seed=args.seed,
+            depths=args.depths,
+            haystack=haystack,
+            progress=args.progress,
+        )
         records.extend(result.records(model=name, method=method))
     print(markdown_table(records, "ruler"))
-    print(f"({time.perf_counter() - started:.0f} s for {len(args.method or ['none', 'yarn'])} method(s))")
+    print(f"({time.perf_counter() - started:.0f} s for {len(common.methods(args))} method(s))")
     if args.json:
         common.write_json(args.json, records)
     if args.plot:
