@@ -10,9 +10,9 @@ tests inside it. Python blocks that continue from "a model you already have" get
 ``model`` (and a prompt as ``long_prompt``).
 
 Beyond the blocks: the demo's table, summary line and JSON record are checked against
-``docs/demo.json`` (the run they came from); every ``yarn-rope ...`` command the README quotes
-inline parses with the real argument parser; every command's ``--help`` ends with an example that
-parses too.
+``docs/demo.json`` (the run they came from), the passkey table against ``docs/passkey.json``;
+every ``yarn-rope ...`` command the README quotes inline parses with the real argument parser;
+every command's ``--help`` ends with an example that parses too.
 """
 
 from __future__ import annotations
@@ -421,6 +421,28 @@ def test_demo_json_record_is_docs_demo_json():
     block = next(block for block in BLOCKS if block.language == "json")
     record = json.loads(block.text)
     assert record == demo_records()[record["method"], record["length"]]
+
+
+def markdown_rows(header: str) -> list[list[str]]:
+    """The cells of the README table whose header row starts with ``header``, below its rule."""
+    lines = README[README.index(header) :].splitlines()
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_passkey_table_is_docs_passkey_json():
+    records = json.loads((ROOT / "docs" / "passkey.json").read_text(encoding="utf-8"))
+    by_key = {(record["method"], record["length"]): record for record in records}
+    rows = markdown_rows("| prompt tokens | plain RoPE | YaRN x2")
+    assert len(rows) * 2 == len(records) == len(by_key)
+    for length, *cells in rows:
+        for method, cell in zip(("none", "yarn"), cells, strict=True):
+            record = by_key[method, int(length.replace(",", ""))]
+            assert cell == f"{round(record['value'] * record['samples'])}/{record['samples']}"
 
 
 # ------------------------------------------------------------------------------------------------
