@@ -10,9 +10,10 @@ tests inside it. Python blocks that continue from "a model you already have" get
 ``model`` (and a prompt as ``long_prompt``).
 
 Beyond the blocks: the demo's table, summary line and JSON record are checked against
-``docs/demo.json`` (the run they came from), the passkey table against ``docs/passkey.json``;
-every ``yarn-rope ...`` command the README quotes inline parses with the real argument parser;
-every command's ``--help`` ends with an example that parses too.
+``docs/demo.json`` (the run they came from), the passkey and RULER tables against
+``docs/passkey.json`` and ``docs/ruler.json``; every ``yarn-rope ...`` command the README quotes
+inline parses with the real argument parser; every command's ``--help`` ends with an example
+that parses too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -96,11 +98,8 @@ SKIPPED.update(
             "end to end on a tiny model"
         ),
         r"--tasks all --trials 2 --json ruler\.json": (
-            "the full RULER grid, hours on 2 CPU cores; tests/test_ruler.py drives `eval ruler` on a tiny "
-            "model"
-        ),
-        r"^for n in 8192 12288 16384; do$": (
-            "the measurement behind the README's RULER table, about 1.5 hours on 2 CPU cores"
+            "the full RULER grid behind the README's table, 68 minutes on 2 CPU cores; tests/test_ruler.py "
+            "drives `eval ruler` on a tiny model"
         ),
         r"--tasks arc_challenge,mmlu,truthfulqa_mc2,hellaswag": (
             "downloads ARC, MMLU, TruthfulQA and HellaSwag from the Hub (no network here); "
@@ -346,6 +345,19 @@ def test_export_commands(tmp_path):
     assert (tmp_path / "model-yarn.gguf").is_file()
 
 
+@runs(r"^\.venv/bin/yarn-rope report docs/ruler\.json")
+def test_ruler_report_command(tmp_path):
+    """The README's RULER plots and a report, from the records behind its table."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "docs").mkdir()
+    shutil.copy(ROOT / "docs" / "ruler.json", tmp_path / "docs" / "ruler.json")
+    run_bash_block(the_block(r"^\.venv/bin/yarn-rope report docs/ruler\.json"), tmp_path)
+    report = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    assert "| niah_single | 16,384 | 0.0 ± 0.0 | 0.0 ± 0.0 |" in report
+    for name in ("ruler.png", "ruler_depth.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.slow
 @runs(r"yarn-rope demo --quick")
 def test_demo_quick(tmp_path):
@@ -443,6 +455,35 @@ def test_passkey_table_is_docs_passkey_json():
         for method, cell in zip(("none", "yarn"), cells, strict=True):
             record = by_key[method, int(length.replace(",", ""))]
             assert cell == f"{round(record['value'] * record['samples'])}/{record['samples']}"
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.1f}".rstrip("0").rstrip(".")
+
+
+def test_ruler_table_is_docs_ruler_json():
+    """Each cell is 'plain RoPE / YaRN x2' accuracy in percent; the last row the mean of the tasks."""
+    records = json.loads((ROOT / "docs" / "ruler.json").read_text(encoding="utf-8"))
+    cells = {
+        (record["task"], record["length"], record["method"]): record["value"]
+        for record in records
+        if record["depth"] is None
+    }
+    tasks = list(dict.fromkeys(task for task, _, _ in cells))
+    lengths = sorted({length for _, length, _ in cells})
+    header = "| task | " + " | ".join(f"{length:,}" for length in lengths) + " |"
+    rows = markdown_rows(header)
+    assert [row[0] for row in rows] == [f"`{task}`" for task in tasks] + ["mean of the six tasks"]
+    for (name, *row), task in zip(rows, [*tasks, None], strict=True):
+        for cell, length in zip(row, lengths, strict=True):
+            values = [
+                cells[task, length, method]
+                if task
+                else sum(cells[each, length, method] for each in tasks) / len(tasks)
+                for method in ("none", "yarn")
+            ]
+            assert cell == " / ".join(percent(value) for value in values), (name, length)
+    assert all(record["samples"] == 2 for record in records if record["depth"] is None)
 
 
 # ------------------------------------------------------------------------------------------------
