@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,10 @@ def test_copy_sets_and_removes_keys_and_keeps_tensors_byte_for_byte(tmp_path):
     ]  # the existing type kept
     assert reader.fields["llama.rope.scaling.factor"].types == [gguf.GGUFValueType.FLOAT32]
     assert source.read_bytes() == before
+    # Readable as open() would have made it (the server that loads it may be another user).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(copy.path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_copy_keeps_a_custom_alignment(tmp_path):

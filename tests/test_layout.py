@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "yarn_rope"
 
 # Top to bottom; a package (folder) counts as one layer.
 LAYERS = [
+    "_files",
     "_compat",
     "_progress",
     "frequencies",

@@ -10,15 +10,14 @@ copied byte for byte (never re-quantized), atomically. Needs the ``gguf`` packag
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ._files import atomic_path
 from ._progress import progress_bar
 
 __all__ = ["GGUF_EXTRA", "GGUFCopy", "GGUFMetadata", "read_metadata", "write_copy"]
@@ -190,12 +189,8 @@ def write_copy(
 
     reader = gguf.GGUFReader(str(source))
     arch = reader.fields["general.architecture"].contents()
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
-    )
-    os.close(handle)
-    try:
-        writer = gguf.GGUFWriter(temporary, arch=arch, endianess=reader.endianess)
+    with atomic_path(destination) as temporary:
+        writer = gguf.GGUFWriter(str(temporary), arch=arch, endianess=reader.endianess)
         writer.data_alignment = reader.alignment
         pending = dict(fields)
         present: list[str] = []
@@ -225,11 +220,6 @@ def write_copy(
                 writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
                 bar.update(int(tensor.n_bytes))
         writer.close()
-        os.replace(temporary, destination)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
     return GGUFCopy(
         source=source,
         path=destination,

@@ -200,15 +200,10 @@ def print_perplexity_table(results: Sequence[Any], trained: int | None) -> None:
 
 
 def write_data(path: str, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` whole or not at all (a temporary file, then a rename)."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write ``data`` as JSON to ``path`` whole or not at all (:func:`yarn_rope._files.atomic_path`)."""
+    from .._files import write_text
+
+    write_text(path, json.dumps(data, indent=1))
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")

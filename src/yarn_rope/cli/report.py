@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import os
-import tempfile
 from typing import Any
 
 from . import _common as common
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .._files import write_text
     from ..eval.report import plot_records, render_markdown
     from ..eval.results import load_records
 
@@ -27,16 +26,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise ValueError(f"the results file(s) {', '.join(args.results)} hold no records")
     text = render_markdown(records, title=args.title)
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        handle, tmp = tempfile.mkstemp(prefix=".report-", suffix=".md.tmp", dir=folder)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                stream.write(text)
-            os.replace(tmp, args.out)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_text(args.out, text)
         print(f"wrote {args.out} ({len(records)} records from {len(args.results)} file(s))")
     else:
         print(text, end="")

@@ -17,15 +17,15 @@ one; :mod:`yarn_rope.eval.report` turns several files into one Markdown table an
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+from .._files import write_text
 
 __all__ = [
     "SUITES",
@@ -195,18 +195,7 @@ def write_records(records: Iterable[EvalRecord], path: str | os.PathLike[str]) -
     for index, record in enumerate(items):
         if not isinstance(record, EvalRecord):
             raise TypeError(f"item {index} is {type(record).__name__}, not an EvalRecord")
-    target = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(target))
-    handle, tmp = tempfile.mkstemp(prefix=".records-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump([record.to_dict() for record in items], stream, indent=1)
-            stream.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text(path, json.dumps([record.to_dict() for record in items], indent=1) + "\n")
 
 
 def load_records(path: str | os.PathLike[str]) -> list[EvalRecord]:

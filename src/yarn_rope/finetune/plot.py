@@ -7,6 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .._files import atomic_path
+
 __all__ = ["plot_loss"]
 
 
@@ -52,7 +54,5 @@ def plot_loss(
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    target = os.fspath(path)
-    temporary = f"{target}.tmp{os.path.splitext(target)[1]}"
-    figure.savefig(temporary)
-    os.replace(temporary, target)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format=os.path.splitext(path)[1].lstrip(".") or None)

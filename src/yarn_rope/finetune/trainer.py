@@ -32,14 +32,12 @@ Output folder::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +46,7 @@ from typing import Any
 import torch
 
 from .. import _compat
+from .._files import write_text
 from .._progress import progress_bar
 from ..config import RopeScaling
 from .data import PackedData, PackedSequences, prepare_data
@@ -437,19 +436,7 @@ def _add_lora(model: Any, recipe: FinetuneRecipe) -> Any:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(descriptor, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1)
-            handle.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
 def _evaluate(
