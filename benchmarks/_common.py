@@ -24,10 +24,8 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -202,17 +200,9 @@ def write_json(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
     """Write ``report`` (which must have a ``headline``) to ``path`` atomically: all or nothing."""
     if "headline" not in report:
         raise ValueError("a benchmark report needs its headline ratio under 'headline'")
-    target = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=1)
-            handle.write("\n")
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    from yarn_rope._files import write_text
+
+    write_text(path, json.dumps(report, indent=1) + "\n")
 
 
 def finish(report: dict[str, Any], path: str | os.PathLike[str] | None) -> dict[str, Any]:

@@ -233,9 +233,9 @@ def plot(results: dict[str, Any], lengths: list[int], preset: Preset, path: str)
         f"extended x{preset.factor:g}"
     )
     figure.tight_layout()
-    temporary = f"{path}.tmp.png"
-    figure.savefig(temporary)
-    Path(temporary).replace(path)
+    from yarn_rope._files import save_figure
+
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

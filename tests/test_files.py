@@ -64,3 +64,20 @@ def test_result_records_are_readable_by_others(tmp_path, umask):
     record = EvalRecord(suite="passkey", task="passkey", metric="accuracy", value=1.0, length=4096)
     write_records([record], tmp_path / "r.json")
     assert mode(tmp_path / "r.json") == 0o666 & ~umask
+
+
+def test_figures_take_the_format_their_suffix_names(tmp_path, umask):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure()
+    try:
+        _files.save_figure(figure, tmp_path / "plot.svg")
+        _files.save_figure(figure, tmp_path / "plot.PNG")
+    finally:
+        plt.close(figure)
+    assert b"<svg" in (tmp_path / "plot.svg").read_bytes()[:400]
+    assert (tmp_path / "plot.PNG").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert mode(tmp_path / "plot.svg") == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.PNG", "plot.svg"]

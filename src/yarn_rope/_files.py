@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -49,6 +50,13 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def save_figure(figure: Any, target: str | os.PathLike[str]) -> None:
+    """``figure.savefig`` to ``target`` whole or not at all, in the format its suffix names."""
+    suffix = os.path.splitext(os.fspath(target))[1].lstrip(".").lower()
+    with atomic_path(target) as temporary:
+        figure.savefig(temporary, format=suffix or None)
 
 
 def write_text(target: str | os.PathLike[str], text: str) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import methods as M
+from .._files import save_figure
 from .._progress import progress_bar
 from ..config import RopeScaling
 from ..patch import patched, unpatched
@@ -170,8 +171,6 @@ def plot_perplexity(
         if title:
             axis.set_title(title)
         figure.tight_layout()
-        tmp = f"{os.fspath(path)}.tmp{os.path.splitext(os.fspath(path))[1]}"
-        figure.savefig(tmp)
-        os.replace(tmp, path)  # never a half-written plot
+        save_figure(figure, path)  # never a half-written plot
     finally:
         plt.close(figure)

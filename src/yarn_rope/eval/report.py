@@ -265,14 +265,9 @@ def _pyplot() -> Any:
 
 
 def _save(figure: Any, path: str | os.PathLike[str]) -> None:
-    target = os.fspath(path)
-    tmp = f"{target}.tmp{os.path.splitext(target)[1]}"
-    try:
-        figure.savefig(tmp)
-        os.replace(tmp, target)  # never a half-written plot
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .._files import save_figure
+
+    save_figure(figure, path)  # never a half-written plot
 
 
 def plot_depth_heatmap(

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .._files import atomic_path
+from .._files import save_figure
 
 __all__ = ["plot_loss"]
 
@@ -54,5 +54,4 @@ def plot_loss(
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format=os.path.splitext(path)[1].lstrip(".") or None)
+    save_figure(figure, path)
