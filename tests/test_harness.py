@@ -13,6 +13,7 @@ import json
 import math
 import random
 import re
+import shutil
 import statistics
 import textwrap
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from yarn_rope import cli, patch_info, patched
+from yarn_rope import _compat, cli, patch_info, patched
 from yarn_rope.eval.results import load_records
 
 pytest.importorskip("lm_eval")
@@ -316,13 +317,15 @@ def tiny_checkpoint(save_checkpoint) -> Path:
 
 class TestCommandLine:
     @pytest.mark.slow
-    def test_run(self, tiny_checkpoint, task_folder, tmp_path, capsys):
+    def test_run(self, tiny_checkpoint, task_folder, tmp_path, capfd, monkeypatch):
         out, png = tmp_path / "short.json", tmp_path / "short.png"
         argv = ["eval", "harness", "--model", str(tiny_checkpoint), "--original-max-position-embeddings"]
         argv += [str(ORIGINAL), "--tasks", TASK, "--include-path", str(task_folder), "--limit", "8"]
         argv += ["--json", str(out), "--plot", str(png), "--no-progress"]
+        monkeypatch.chdir(tmp_path)  # outside any git checkout: lm-eval's `git describe` fails here
         assert cli.main(argv) == 0
-        printed = capsys.readouterr().out
+        printed, errors = capfd.readouterr()  # file descriptors: git's own stderr would show here
+        assert "fatal" not in errors and "it/s" not in errors and "%|" not in errors, errors
         assert re.search(r"\| task \| plain RoPE \| yarn x2 \|", printed)
         row = next(line for line in printed.splitlines() if line.startswith(f"| {TASK} (0-shot, acc_norm)"))
         records = load_records(out)
@@ -380,3 +383,32 @@ def test_smollm2_local_task(loaded):
     for metric, (value, stderr) in expected.items():
         assert result.score(TASK, metric).value == pytest.approx(value)
         assert result.score(TASK, metric).stderr == pytest.approx(stderr)
+
+
+class TestLmEvalOutput:
+    """``_compat.lm_eval_output``: lm-eval's stray output quietened for a run, and put back."""
+
+    def test_git_lookup_is_the_same_without_the_noise(self, tmp_path, capfd, monkeypatch):
+        evaluator = pytest.importorskip("lm_eval.evaluator")
+        if shutil.which("git") is None:
+            pytest.skip("git is not installed: lm-eval's lookup prints nothing to quieten")
+        original = evaluator.get_git_commit_hash
+        for folder in (tmp_path, Path(__file__).resolve().parent):  # outside and inside a checkout
+            monkeypatch.chdir(folder)
+            capfd.readouterr()
+            expected = original()
+            with _compat.lm_eval_output(bars=True):
+                assert evaluator.get_git_commit_hash() == expected
+            assert capfd.readouterr().err.count("fatal") == (1 if expected is None else 0)
+        assert evaluator.get_git_commit_hash is original
+
+    def test_bars_while_building_prompts(self, capfd):
+        task = pytest.importorskip("lm_eval.api.task")
+        original = task.tqdm
+        with _compat.lm_eval_output(bars=False):
+            for _ in task.tqdm(range(3), total=3):
+                pass
+        assert capfd.readouterr().err == ""
+        with _compat.lm_eval_output(bars=True):
+            assert task.tqdm is original
+        assert task.tqdm is original

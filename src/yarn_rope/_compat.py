@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -299,3 +299,58 @@ def set_activation_checkpointing(model: Any, enabled: bool) -> None:
         return
     disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
     disable()
+
+
+@contextlib.contextmanager
+def lm_eval_output(bars: bool) -> Iterator[None]:
+    """Quieten what lm-eval prints outside its logger and its ``disable_tqdm`` switch, for one run.
+
+    Checked on lm-eval 0.4.13:
+
+    - ``simple_evaluate`` records the working directory's commit through
+      ``lm_eval.evaluator.get_git_commit_hash``, which runs ``git describe`` with its standard
+      error inherited, so outside a git checkout every run prints ``fatal: not a git repository``.
+      For the run it is replaced by the same lookup with git's standard error captured (same
+      value: the hash, else lm-eval's own fallback for the folder).
+    - ``Task.build_all_requests`` draws a bar while it builds the prompts (``lm_eval.api.task``'s
+      module-level ``tqdm``), which ``disable_tqdm`` does not reach: with ``bars=False`` it is
+      drawn disabled.
+
+    Both module attributes are restored afterwards; a release without them is left alone.
+    """
+    import importlib
+    import os
+    import subprocess
+
+    from tqdm import tqdm
+
+    changes: list[tuple[Any, str, Any]] = []
+    try:
+        evaluator = importlib.import_module("lm_eval.evaluator")
+        loggers = importlib.import_module("lm_eval.loggers.utils")
+        task = importlib.import_module("lm_eval.api.task")
+    except ImportError:  # pragma: no cover - a different lm-eval layout: nothing to quieten
+        yield
+        return
+
+    def git_commit_hash() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, check=True)
+            return done.stdout.strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            fallback = getattr(loggers, "get_commit_from_path", None)
+            return fallback(os.getcwd()) if fallback is not None else None
+
+    if hasattr(evaluator, "get_git_commit_hash"):
+        changes.append((evaluator, "get_git_commit_hash", git_commit_hash))
+    drawn: Any = getattr(task, "tqdm", None)
+    if not bars and drawn is tqdm:
+        changes.append((task, "tqdm", functools.partial(drawn, disable=True)))
+    saved = [(module, name, getattr(module, name)) for module, name, _ in changes]
+    try:
+        for module, name, value in changes:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)

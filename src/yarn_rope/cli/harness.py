@@ -139,10 +139,5 @@ def register(kinds: Any) -> None:
     sub.add_argument(
         "--plot", default=None, metavar="OUT.png", help="bar chart per task with standard errors"
     )
-    sub.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="lm-eval's progress bars (default: shown)",
-    )
+    common.add_progress_flags(sub)
     sub.set_defaults(handler=_cmd_eval_harness)

@@ -30,9 +30,11 @@ import importlib.util
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import _compat
 from .results import EvalRecord, label_for
 
 __all__ = [
@@ -356,11 +358,11 @@ def _quiet_lm_eval(enabled: bool) -> Any:
         target.setLevel(level)
 
 
-def _model_class(progress: bool | None) -> Any:
-    """lm-eval's ``HFLM``; with ``progress=False``, a subclass whose scoring calls show no bars."""
+def _model_class(bars: bool) -> Any:
+    """lm-eval's ``HFLM``; without ``bars``, a subclass whose scoring calls show no bars."""
     from lm_eval.models.huggingface import HFLM
 
-    if progress is not False:
+    if bars:
         return HFLM
 
     class QuietHFLM(HFLM):  # type: ignore[misc]
@@ -403,8 +405,8 @@ def harness(
         method: the method's name in the result (default: the patch in force, else ``"none"``).
         label: its column name (default: :func:`~yarn_rope.eval.results.label_for`).
         quiet: lower lm-eval's logging to errors while it runs.
-        progress: lm-eval's own progress bars (``None`` or ``True``: as lm-eval shows them;
-            ``False``: none while scoring).
+        progress: lm-eval's own progress bars (``None``: only when standard error is a terminal,
+            as every bar of this library; ``False``: none, building the prompts included).
 
     Returns:
         :class:`HarnessResult`.
@@ -435,8 +437,9 @@ def harness(
 
     info = patch_info(model)
     settings = None if info is None else info.scaling.to_dict()
-    with _quiet_lm_eval(quiet):
-        wrapped = _model_class(progress)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    bars = sys.stderr.isatty() if progress is None else bool(progress)
+    with _quiet_lm_eval(quiet), _compat.lm_eval_output(bars):
+        wrapped = _model_class(bars)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         output = lm_eval.simple_evaluate(
             model=wrapped,
             tasks=[loaded.objects[name] for name in loaded.names],
