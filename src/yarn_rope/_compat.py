@@ -1,9 +1,10 @@
-"""Every touch of private internals of transformers, accelerate and torch, in one file.
+"""Every touch of private internals of transformers, accelerate, torch and lm-eval, in one file.
 
 Each function says which releases it was checked on. When an upgrade breaks one of these
 assumptions, this is the file to change; the rest of yarn_rope goes through it.
 
-Checked on: transformers 4.45.2, 4.57.6 and 5.23.0; accelerate 1.15.0; torch 2.4 - 2.13.0.
+Checked on: transformers 4.45.2, 4.57.6 and 5.23.0; accelerate 1.15.0; torch 2.4 - 2.13.0;
+lm-eval 0.4.13.
 
 Facts relied on, not code (kept here so they are read together):
 
