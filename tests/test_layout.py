@@ -1,8 +1,11 @@
 """The one-way layering of the package: each module imports only modules listed above it.
 
-The order is the README's layout (and DESIGN.md's): a lower module may use a higher one, never
-the reverse, so that, e.g., the pure math never depends on transformers-facing code. Imports
-inside functions count too; the only exception is named below.
+The order is the README's "Layout" section (checked below): ``_files``, ``_compat``,
+``_progress``, then ``frequencies`` (pure math: torch and math only), ``methods/`` (the
+registry), ``config``, ``rotary``, ``cache``, ``patch``, ``gguf``, ``loading/``, ``export``,
+``eval/``, ``finetune/``, ``cli/``. A lower module may use a higher one, never the reverse, so
+that, e.g., the pure math never depends on transformers-facing code. Imports inside functions
+count too. Inside ``methods/`` the same rule holds for its own files (:data:`METHOD_LAYERS`).
 """
 
 from __future__ import annotations
@@ -30,8 +33,24 @@ LAYERS = [
     "finetune",
     "cli",
 ]
-# (importing module, imported layer): deprecated aliases that resolve lazily, removed next release.
-EXCEPTIONS = {("frequencies", "methods")}
+# (importing module, imported layer): none left (frequencies' deprecated names moved to the package).
+EXCEPTIONS: set[tuple[str, str]] = set()
+# The files of methods/, top to bottom; the family files may import the registry (the package's
+# __init__, which defines register() before it imports them) but not one another, except
+# yarn -> gguf (llama.cpp's attention base).
+METHOD_LAYERS = [
+    "settings",
+    "spec",
+    "__init__",
+    "gguf",
+    "plain",
+    "linear",
+    "ntk",
+    "yarn",
+    "llama3",
+    "longrope",
+]
+METHODS = PACKAGE / "methods"
 
 
 def _layer_of(path: Path) -> str:
@@ -86,3 +105,37 @@ def test_the_readme_layout_lists_the_layers_in_this_order():
     layout = readme[readme.index("## Layout") :]
     positions = [layout.index(f"  {name}") for name in LAYERS]
     assert positions == sorted(positions)
+
+
+def test_the_math_imports_nothing_of_ours():
+    tree = ast.parse((PACKAGE / "frequencies.py").read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or "").split(".")[0])
+    ours = {name for name in imported if name.startswith(".") or name == "yarn_rope"}
+    assert not ours, (
+        f"frequencies.py imports {ours}: the math module imports torch and the standard library only"
+    )
+
+
+def test_the_methods_package_is_layered_too():
+    wrong = []
+    for path in METHODS.glob("*.py"):
+        layer = path.stem
+        assert layer in METHOD_LAYERS, f"add {layer} to METHOD_LAYERS"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or node.level != 1:
+                continue
+            names = [node.module] if node.module else [alias.name for alias in node.names]
+            for name in names:
+                imported = name if name in METHOD_LAYERS else "__init__"
+                if imported == layer or layer == "__init__":
+                    continue
+                family = imported in METHOD_LAYERS[4:] and layer in METHOD_LAYERS[4:]
+                if family or METHOD_LAYERS.index(imported) > METHOD_LAYERS.index(layer):
+                    wrong.append(f"methods/{path.name} imports {imported}")
+    assert not wrong, wrong

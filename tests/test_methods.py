@@ -100,6 +100,28 @@ class TestRegistry:
             M.register(dataclasses.replace(spec, name="linear3", settings=("temperature",)))
         assert "linear2" not in M.METHODS and "linear3" not in M.METHODS
 
+    def test_register_refuses_a_method_that_leaves_an_engine_unanswered(self):
+        spec = M.get("linear")
+        without = {engine: spelling for engine, spelling in spec.engines.items() if engine != "sglang"}
+        with pytest.raises(ValueError, match=r"no spelling for engine.*sglang"):
+            M.register(dataclasses.replace(spec, name="linear4", engines=without))
+        with pytest.raises(ValueError, match=r"unknown engine.*tgi"):
+            M.register(
+                dataclasses.replace(
+                    spec, name="linear5", engines={**spec.engines, "tgi": spec.engines["vllm"]}
+                )
+            )
+        assert "linear4" not in M.get("linear").name and M.lookup_rope_type("linear4") is None
+
+    def test_every_method_answers_every_engine(self):
+        for spec in M.registered():
+            assert set(spec.engines) == set(M.ENGINES), spec.name
+
+    def test_name_checks_are_spec_fields(self):
+        assert [s.name for s in M.registered() if s.length_is_original] == ["dynamic-ntk"]
+        assert [s.name for s in M.registered() if s.factor_is_key] == ["dynamic-yarn"]
+        assert {s.name for s in M.registered() if not s.states_target} == {"none", "llama3", "longrope"}
+
 
 class TestEveryMethod:
     @pytest.mark.parametrize("method", M.METHODS)

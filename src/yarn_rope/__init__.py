@@ -9,9 +9,11 @@ logging is configured.
 
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 
 from . import eval as eval  # yarn_rope.eval (kept out of __all__: it would shadow the builtin)
+from . import frequencies, methods
 from .cache import UnsupportedCacheError
 from .config import RopeScaling
 from .export import Approximation, ExportResult, export
@@ -75,10 +77,50 @@ __all__ = [
 ]
 
 
+_MOVED_FROM_FREQUENCIES = {"inv_freq", "METHODS", "DYNAMIC_METHODS", "check_method"}
+
+
+def _renamed(old: str, new: str) -> str:
+    return f"{old} is now {new}; the old name will be removed in the next release"
+
+
 def __getattr__(name: str) -> object:
     """Deprecated names, kept for one release."""
     if name == "yarn_attention_factor":
-        from . import frequencies
-
-        return frequencies.__getattr__(name)
+        warnings.warn(
+            _renamed(
+                "yarn_rope.yarn_attention_factor",
+                "yarn_attention_scaling (one name for the number that multiplies cos and sin)",
+            ),
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return yarn_attention_scaling
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _frequencies_getattr(name: str) -> object:
+    """Deprecated names of :mod:`yarn_rope.frequencies`, kept for one release.
+
+    They moved to the registry; serving them from here (the package, imported before any of its
+    modules) keeps the math module free of any import of :mod:`yarn_rope.methods`.
+    """
+    if name in _MOVED_FROM_FREQUENCIES:
+        warnings.warn(
+            _renamed(f"yarn_rope.frequencies.{name}", f"yarn_rope.methods.{name} (the method registry)"),
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(methods, name)
+    if name == "yarn_attention_factor":
+        warnings.warn(
+            _renamed("yarn_rope.frequencies.yarn_attention_factor", "yarn_attention_scaling"),
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return yarn_attention_scaling
+    raise AttributeError(f"module {frequencies.__name__!r} has no attribute {name!r}")
+
+
+# PEP 562: a module's __getattr__ is looked up in its namespace when an attribute is missing.
+setattr(frequencies, "__getattr__", _frequencies_getattr)  # noqa: B010

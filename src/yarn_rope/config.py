@@ -119,7 +119,8 @@ class RopeScaling:
             self.original_max_position_embeddings,
             self.max_position_embeddings,
         )
-        consistent = spec.consistent_lengths and (spec.name == "yarn" or self.finetuned)
+        # A dynamic method's factor follows the sequence: its lengths agree only once fine-tuned.
+        consistent = spec.consistent_lengths and (not spec.dynamic or self.finetuned)
         if consistent and factor and original and target and not _QUIET_LENGTHS.get():
             implied = target / original
             if not math.isclose(implied, factor, rel_tol=1e-9):
@@ -189,13 +190,47 @@ class RopeScaling:
 
     def dynamic_factor(self, seq_len: int) -> float:
         """Dynamic YaRN's scale factor at ``seq_len`` (see :func:`yarn_rope.dynamic_factor`)."""
-        if self.method != "dynamic-yarn":
-            raise ValueError(f"dynamic_factor applies to method 'dynamic-yarn', not {self.method!r}")
+        if not self.spec.factor_is_key:
+            applies = ", ".join(repr(spec.name) for spec in M.registered() if spec.factor_is_key)
+            raise ValueError(f"dynamic_factor applies to method {applies}, not {self.method!r}")
         return float(self.table_key(seq_len))
 
     def context_length(self) -> int | None:
         """What ``config.max_position_embeddings`` states once this scaling is in force."""
         return M.context_length(self.spec, self.settings())
+
+    def with_target(self, context: int | None = None, *, serving: bool = False) -> RopeScaling:
+        """These settings stating the context they serve, as a saved config (or GGUF copy) will.
+
+        ``max_position_embeddings`` becomes ``context`` (default: :meth:`context_length`) unless
+        it is already stated, the method states no target (``spec.length_is_original``: transformers'
+        ``dynamic`` reads ``max_position_embeddings`` as the original length), or ``factor *
+        original`` is known and differs from ``context`` (the factor then stays the only statement).
+
+        Args:
+            context: the context length served; ``None``: what the settings imply.
+            serving: the two callers' rules, which differ on purpose. ``False`` (a patch: the
+                model computes these very settings) states every method's target, and only a
+                ``factor * original`` that is exactly ``context``. ``True`` (an export: an engine
+                serves one static table) leaves dynamic methods and ``spec.states_target=False``
+                ones (``llama3`` and ``longrope`` state lengths of their own) as they are, and
+                takes ``round(factor * original)`` as agreeing (the length an engine allows).
+
+        Returns:
+            a new :class:`RopeScaling` (or ``self`` when nothing changes).
+        """
+        spec = self.spec
+        target = self.context_length() if context is None else context
+        if target is None or self.max_position_embeddings is not None or spec.length_is_original:
+            return self
+        if serving and (spec.dynamic or not spec.states_target):
+            return self
+        factor, original = self.factor, self.original_max_position_embeddings
+        if factor is not None and original:
+            implied = F.scaled_context(factor, original) if serving else factor * original
+            if target != implied:
+                return self  # a target that is not factor * original: the factor stays the only statement
+        return self.replace(max_position_embeddings=target)
 
     def params(self) -> dict[str, Any]:
         """These settings as keyword arguments of :func:`yarn_rope.inv_freq` (``None`` left out)."""
@@ -601,7 +636,7 @@ def _with_context(
 ) -> dict[str, Any]:
     """The scaling dict's settings completed from the config's lengths, as transformers does."""
     max_positions = declaration.max_position_embeddings
-    if spec.name == "dynamic-ntk":
+    if spec.length_is_original:
         # transformers' "dynamic" grows past config.max_position_embeddings, the trained length.
         if kwargs.get("original_max_position_embeddings") is None:
             if max_positions is None:

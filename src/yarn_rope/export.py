@@ -381,21 +381,11 @@ def _context(scaling: RopeScaling, src: _Source, requested: int | None) -> int |
     if scaling.spec.consistent_lengths and not scaling.is_dynamic and factor and original:
         # The factor wins over a stated target (Qwen2.5 states factor 4 with both lengths 32768).
         return max(stated or 0, F.scaled_context(factor, original))
-    if stated is None and factor and src.max_position_embeddings and scaling.method in ("linear", "ntk"):
+    knows_original = "original_max_position_embeddings" in scaling.spec.required
+    if stated is None and factor and src.max_position_embeddings and not knows_original:
+        # linear, ntk: no original length stated, the factor scales the config's context.
         return F.scaled_context(factor, src.max_position_embeddings)
     return stated
-
-
-def _with_target(scaling: RopeScaling, context: int | None) -> RopeScaling:
-    """``scaling`` stating the context it serves, as a saved config (and a GGUF copy) will."""
-    if context is None or scaling.max_position_embeddings is not None or scaling.is_dynamic:
-        return scaling
-    if scaling.method in ("none", "longrope", "llama3"):
-        return scaling
-    factor, original = scaling.factor, scaling.original_max_position_embeddings
-    if factor is not None and original is not None and context != F.scaled_context(factor, original):
-        return scaling  # a target that is not factor * original: the factor stays the only statement
-    return scaling.replace(max_position_embeddings=context)
 
 
 def _lengths(scaling: RopeScaling, context: int | None) -> tuple[int, ...]:
@@ -758,10 +748,10 @@ def _transformers(
         rope["rope_theta"] = src.model.rope_theta
     if src.partial_rotary_factor is not None and src.partial_rotary_factor != 1.0:
         rope["partial_rotary_factor"] = src.partial_rotary_factor
-    settings: dict[str, Any] = {"rope_parameters": rope}
-    if context is not None and scaling.method != "dynamic-ntk":
-        settings["max_position_embeddings"] = context
     spec = scaling.spec
+    settings: dict[str, Any] = {"rope_parameters": rope}
+    if context is not None and not spec.length_is_original:
+        settings["max_position_embeddings"] = context
     notes = ["transformers 4.x reads rope_scaling= (and a top-level rope_theta) instead of rope_parameters="]
     if scaling.vanilla_compatible():
         assert spec.transformers is not None
@@ -778,7 +768,7 @@ def _transformers(
             "something else: load it with yarn_rope.from_pretrained or yarn_rope.patch, which compute it "
             "exactly"
         )
-    if scaling.method == "dynamic-ntk":
+    if spec.length_is_original:
         notes.append(
             "dynamic NTK grows past config.max_position_embeddings, which must stay the original length"
         )
@@ -855,7 +845,7 @@ def export(
     requested = _with_overrides(src, scaling, settings)
     context = _context(requested, src, context_length)
     if target == "transformers":
-        exported = _with_target(requested, context)
+        exported = requested.with_target(context, serving=True)
         changes, notes, release = _transformers(exported, src, context)
         return ExportResult(
             target=target,
@@ -874,7 +864,7 @@ def export(
     chosen, approximation = _engine_scaling(engine, requested, context, src.model, allow_approximation)
     if approximation is not None and chosen.is_dynamic is False and requested.is_dynamic:
         context = _context(chosen, src, context_length) or context
-    exported = _with_target(chosen, context)
+    exported = chosen.with_target(context, serving=True)
     spelling = exported.spec.engines[engine]
     assert spelling.write is not None
     spelled = spelling.write(exported.settings(), src.model)

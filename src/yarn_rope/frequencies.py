@@ -679,34 +679,3 @@ def longrope_attention_scaling(
     if factor <= 1.0:
         return 1.0
     return math.sqrt(1 + math.log(factor) / math.log(original))
-
-
-def __getattr__(name: str) -> object:
-    """Deprecated names, kept for one release: the registry (:mod:`yarn_rope.methods`) holds them now.
-
-    The lazy import of :mod:`yarn_rope.methods` below is the one exception to the layering (this
-    module imports only torch and math); it runs only when a deprecated name is used, and goes
-    with them in the next release.
-    """
-    import warnings
-
-    moved = {"inv_freq", "METHODS", "DYNAMIC_METHODS", "check_method"}
-    if name in moved:
-        warnings.warn(
-            f"yarn_rope.frequencies.{name} moved to yarn_rope.methods.{name} (the method registry); "
-            "the old name will be removed in the next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from . import methods
-
-        return getattr(methods, name)
-    if name == "yarn_attention_factor":
-        warnings.warn(
-            "yarn_rope.yarn_attention_factor is now yarn_attention_scaling (one name for the number "
-            "that multiplies cos and sin); the old name will be removed in the next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return yarn_attention_scaling
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -335,17 +335,6 @@ def _original_length(declared: _Declared, config: Any) -> int | None:
     return original_length_fallback(declaration.max_position_embeddings, what="yarn_rope.patch: the model")
 
 
-def _with_target(scaling: RopeScaling) -> RopeScaling:
-    """``scaling`` with the target context it implies, as the saved config will state it."""
-    target = scaling.context_length()
-    if scaling.max_position_embeddings is not None or target is None or scaling.method == "dynamic-ntk":
-        return scaling
-    original = scaling.original_max_position_embeddings
-    if scaling.factor is not None and original and target != scaling.factor * original:
-        return scaling  # a fractional target: keep the factor as the only statement
-    return scaling.replace(max_position_embeddings=target)
-
-
 # ------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------
@@ -483,7 +472,7 @@ def _plan(model: nn.Module, request: _Request, options: _Options) -> _Plan:
         key = (id(site.config), wanted[0])
         if key not in resolutions:
             declared = _declared(site.config, wanted[0])
-            resolutions[key] = (declared, _with_target(_resolve(request, declared, site.config)))
+            resolutions[key] = (declared, _resolve(request, declared, site.config).with_target())
         declared, site_scaling = resolutions[key]
         if resolved is not None and site_scaling != resolved:
             raise UnsupportedModelError(

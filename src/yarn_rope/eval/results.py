@@ -64,7 +64,11 @@ def label_for(settings: dict[str, Any] | None) -> str:
         return "plain RoPE"
     method = str(settings["method"])
     factor = settings.get("factor")
-    if method == "dynamic-yarn" and not settings.get("finetuned"):
+    from ..methods import lookup_rope_type
+
+    spec = lookup_rope_type(method)
+    follows = spec.factor_follows_length if spec is not None else None
+    if follows is not None and follows(settings):  # the stated factor is not the one in force
         return method
     return method if factor is None else f"{method} x{float(factor):g}"
 
