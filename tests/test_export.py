@@ -759,3 +759,37 @@ def test_inspect_lists_the_export_targets(tmp_path, capsys):
     for target in TARGETS:
         assert f"export {target}:" in printed
     assert "export vllm:" in printed and "exact [vLLM 0.33.0]" in printed
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 24: no silent-wrong export
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dynamic_approximation_without_a_context_serves_the_factors_own_context():
+    # Before: the context was the original length, so dynamic YaRN x2 was served as factor 1
+    # (plain RoPE) and measured over lengths up to the original only.
+    requested = yarn_rope.RopeScaling(method="dynamic-yarn", factor=2.0, original_max_position_embeddings=64)
+    result = export(requested, "vllm", rope_theta=BASE, rotary_dim=DIM, allow_approximation=True)
+    assert result.scaling.method == "yarn" and result.scaling.factor == 2.0
+    assert result.context_length == 128
+    assert result.approximation is not None and max(result.approximation.lengths) == 128
+    ntk = yarn_rope.RopeScaling(method="dynamic-ntk", factor=2.0, original_max_position_embeddings=64)
+    served = export(ntk, "vllm", rope_theta=BASE, rotary_dim=DIM, allow_approximation=True)
+    assert served.scaling.method == "ntk" and served.scaling.factor == pytest.approx(3.0)  # s * 2 - (s - 1)
+
+
+def test_dynamic_approximation_without_context_or_factor_is_refused():
+    requested = yarn_rope.RopeScaling(method="dynamic-yarn", original_max_position_embeddings=64)
+    with pytest.raises(ValueError, match="context-length"):
+        export(requested, "vllm", rope_theta=BASE, rotary_dim=DIM, allow_approximation=True)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bert"])
+def test_a_model_without_rope_is_refused_naming_its_architecture(tmp_path, model_type):
+    config = {"model_type": model_type, "n_positions": 1024, "n_embd": 64, "n_head": 2, "vocab_size": 50}
+    with pytest.raises(ValueError, match=f"{model_type}.*no rotary"):
+        export(config, "sglang", method="yarn", factor=2.0, original_max_position_embeddings=1024)
+    folder = _config_folder(tmp_path, model_type, config)
+    with pytest.raises(ValueError, match=f"{model_type}.*no rotary"):
+        export(folder, "vllm", method="yarn", factor=2.0)

@@ -368,3 +368,49 @@ def test_settings_key_agrees_with_keys_left_at_llamacpps_defaults(tmp_path, capl
         plan = yarn_rope.plan_load(tmp_path, gguf_file="out.gguf")
     assert plan.scaling == result.scaling
     assert not [r for r in caplog.records if M.GGUF_SETTINGS_KEY in r.getMessage()]
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 24: no silent-wrong GGUF export, no litter
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_a_gguf_without_rope_is_refused_naming_its_architecture(tmp_path, arch):
+    source = _tiny(tmp_path / "in.gguf", arch=arch)
+    with pytest.raises(ValueError, match=f"{arch}.*no rotary"):
+        export(source, "gguf", out=tmp_path / "out.gguf", factor=2.0, original_max_position_embeddings=4096)
+    with pytest.raises(ValueError, match=f"{arch}.*no rotary"):
+        export(source, "sglang", factor=2.0, original_max_position_embeddings=4096)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_method_none_on_a_yarn_copy_restores_the_original_context(tmp_path):
+    source = _tiny(tmp_path / "a.gguf")
+    export(source, "gguf", out=tmp_path / "b.gguf", factor=2.0, progress=False)
+    assert _fields(tmp_path / "b.gguf")["llama.context_length"] == 8192
+    result = export(tmp_path / "b.gguf", "gguf", out=tmp_path / "c.gguf", method="none", progress=False)
+    fields = _fields(tmp_path / "c.gguf")
+    assert fields["llama.context_length"] == 4096 and result.context_length == 4096
+    assert fields["llama.rope.scaling.type"] == "none" and "llama.rope.scaling.factor" not in fields
+
+
+def test_a_killed_copys_temporary_is_removed_by_the_next_run(tmp_path):
+    source = _tiny(tmp_path / "in.gguf")
+    litter = tmp_path / ".out.gguf.k1ll3d.tmp"  # what atomic_path left when kill -9 stopped a copy
+    litter.write_bytes(b"half a copy")
+    other = tmp_path / ".other.gguf.k1ll3d.tmp"  # another output's temporary: not ours to remove
+    other.write_bytes(b"x")
+    write_copy(source, tmp_path / "out.gguf", fields={})
+    assert not litter.exists() and other.exists()
+
+
+def test_a_running_copys_temporary_is_kept(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    source = _tiny(tmp_path / "in.gguf")
+    running = tmp_path / ".out.gguf.running.tmp"
+    running.write_bytes(b"being written")
+    with open(running, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live copy holds its temporary
+        write_copy(source, tmp_path / "out.gguf", fields={})
+        assert running.exists()

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,8 @@ from . import frequencies as F
 from . import methods as M
 from .config import RopeScaling, original_length_fallback, read_rope
 
-__all__ = ["TARGETS", "Approximation", "ExportResult", "TargetCheck", "export", "export_targets"]
+__all__ = ["TARGETS", "Approximation", "ExportResult", "Target", "TargetCheck", "export", "export_targets"]
 
-#: Export targets: the serving engines of :data:`yarn_rope.methods.ENGINES`, transformers, and a GGUF copy.
-TARGETS: tuple[str, ...] = ("vllm", "sglang", "llama.cpp", "transformers", "gguf")
 
 _LLAMACPP_DEFAULTS = {
     "scaling.yarn_beta_fast": 32.0,
@@ -223,9 +221,25 @@ def _rotary_dim(config: Mapping[str, Any], partial: float | None) -> int | None:
     return F.rotary_dim(head_dim, partial if partial is not None else 1.0)
 
 
+#: transformers model types without rotary position embeddings (learned or absolute positions,
+#: ALiBi, relative bias): a rope scaling in their config would be read by nothing.
+_NO_ROPE_MODEL_TYPES = frozenset(
+    {"gpt2", "gpt_bigcode", "bert", "roberta", "distilbert", "opt", "bloom", "mpt", "t5", "bart", "jais"}
+)
+
+
+def _refuse_without_rope(label: str, what: str, name: Any, without: frozenset[str]) -> None:
+    if name in without:
+        raise ValueError(
+            f"{label}: {what} {name!r} has no rotary position embedding (its positions are not RoPE): there "
+            "is no rope scaling to export; yarn_rope extends RoPE models (Llama, Mistral, Qwen, Phi-3, ...)"
+        )
+
+
 def _from_config(
     label: str, reference: str, raw: Mapping[str, Any], scaling: RopeScaling | None, rotary_dim: int | None
 ) -> _Source:
+    _refuse_without_rope(label, "model_type", raw.get("model_type"), _NO_ROPE_MODEL_TYPES)
     declaration = read_rope(raw)
     if scaling is None:
         scaling = declaration.scaling()
@@ -249,6 +263,7 @@ def _from_gguf(path: Path) -> _Source:
     metadata = gguf.read_metadata(path)
     fields = metadata.fields
     arch = metadata.architecture
+    _refuse_without_rope(str(path), "GGUF architecture", arch, M.LLAMACPP_NO_ROPE_ARCHS)
     config = M.from_gguf_metadata(fields)
     declaration = read_rope(config)
     head_count = fields.get(f"{arch}.attention.head_count")
@@ -274,6 +289,29 @@ def _from_gguf(path: Path) -> _Source:
     )
 
 
+def _from_path(path: Path, gguf_file: str | None, rotary_dim: int | None) -> _Source:
+    """A GGUF file, a ``config.json`` (or another JSON config) or a checkpoint folder."""
+    if gguf_file is not None:
+        path = path / gguf_file if path.is_dir() else Path(gguf_file)
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path)
+    if path.is_file() and path.suffix == ".json":
+        if path.name == "config.json":
+            path = path.parent
+        else:
+            from .loading.checkpoint import read_json
+
+            return _from_config(str(path), "MODEL", read_json(path), None, rotary_dim)
+    if path.is_dir():
+        from .loading import plan_load
+
+        plan = plan_load(path)  # the scaling the checkpoint was trained with (Yarn-Mistral's 128/2, 0.07)
+        return _from_config(str(path), str(path), plan.config, plan.scaling, rotary_dim)
+    if path.exists():
+        raise ValueError(f"{path} is neither a GGUF file, a config.json nor a checkpoint folder")
+    raise FileNotFoundError(f"no checkpoint folder, config or GGUF file at {path}")
+
+
 def _read_source(
     source: Any, *, gguf_file: str | None, rope_theta: float | None, rotary_dim: int | None
 ) -> _Source:
@@ -288,26 +326,7 @@ def _read_source(
     if isinstance(source, Mapping):
         return _from_config("config", "MODEL", source, None, rotary_dim)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if gguf_file is not None:
-            path = path / gguf_file if path.is_dir() else Path(gguf_file)
-        if path.is_file() and path.suffix == ".gguf":
-            return _from_gguf(path)
-        if path.is_file() and path.suffix == ".json":
-            if path.name == "config.json":
-                path = path.parent
-            else:
-                from .loading.checkpoint import read_json
-
-                return _from_config(str(path), "MODEL", read_json(path), None, rotary_dim)
-        if path.is_dir():
-            from .loading import plan_load
-
-            plan = plan_load(path)  # the scaling the checkpoint was trained with (Yarn-Mistral's 128/2, 0.07)
-            return _from_config(str(path), str(path), plan.config, plan.scaling, rotary_dim)
-        if path.exists():
-            raise ValueError(f"{path} is neither a GGUF file, a config.json nor a checkpoint folder")
-        raise FileNotFoundError(f"no checkpoint folder, config or GGUF file at {path}")
+        return _from_path(Path(source), gguf_file, rotary_dim)
     config = getattr(source, "config", None)
     if config is None:
         raise TypeError(
@@ -375,7 +394,9 @@ def _context(scaling: RopeScaling, src: _Source, requested: int | None) -> int |
     if requested is not None:
         return int(M.SETTINGS["max_position_embeddings"].check("context_length", requested))
     if scaling.method == "none":
-        return None
+        # Plain RoPE serves the pretrained context: a source that declared a scaling gets its original back.
+        declared = src.scaling
+        return declared.original_max_position_embeddings if declared.method != "none" else None
     stated = scaling.context_length()
     factor, original = scaling.factor, scaling.original_max_position_embeddings
     if scaling.spec.consistent_lengths and not scaling.is_dynamic and factor and original:
@@ -386,6 +407,22 @@ def _context(scaling: RopeScaling, src: _Source, requested: int | None) -> int |
         # linear, ntk: no original length stated, the factor scales the config's context.
         return F.scaled_context(factor, src.max_position_embeddings)
     return stated
+
+
+def _served_context(scaling: RopeScaling, engine: str, context: int | None) -> int | None:
+    """The context a static approximation of dynamic ``scaling`` serves when the caller gives none.
+
+    The stated target, else the factor's own ``factor * original``; ``None`` when neither is stated,
+    which the approximation then refuses (its threshold, the original length, would serve dynamic
+    YaRN as factor 1, plain RoPE, measured over the original lengths only). A dynamic method the
+    engine computes exactly keeps ``context``.
+    """
+    if scaling.spec.engines[engine].loses(scaling.settings()) is None:
+        return context
+    factor, original = scaling.factor, scaling.original_max_position_embeddings
+    if scaling.max_position_embeddings is not None:
+        return scaling.max_position_embeddings
+    return F.scaled_context(factor, original) if factor and original else None
 
 
 def _lengths(scaling: RopeScaling, context: int | None) -> tuple[int, ...]:
@@ -468,9 +505,9 @@ def export_targets(scaling: RopeScaling) -> tuple[TargetCheck, ...]:
     """Which export targets compute ``scaling`` exactly, and what the others would lose."""
     checks = []
     settings = scaling.settings()
-    for target in TARGETS:
-        engine = "llama.cpp" if target == "gguf" else target
-        if engine == "transformers":
+    for target, entry in TARGETS.items():
+        engine = entry.engine
+        if engine is None:
             spec = scaling.spec
             exact = scaling.vanilla_compatible()
             lost = (
@@ -487,7 +524,7 @@ def export_targets(scaling: RopeScaling) -> tuple[TargetCheck, ...]:
             continue
         spelling = scaling.spec.engines[engine]
         lost = spelling.loses(settings)
-        release = f"{M.ENGINES[engine].title} {M.ENGINES[engine].release}"
+        release = entry.release
         checks.append(
             TargetCheck(
                 target, release, lost is None, lost, lost is not None and spelling.closest is not None
@@ -561,9 +598,8 @@ def _allow_context(
     ]
 
 
-def _vllm(
-    spelled: M.EngineSettings, src: _Source, context: int | None
-) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...], list[str]]:
+def _vllm(job: _Job) -> _Rendered:
+    spelled, src, context = job.spelled, job.src, job.context
     rope = _rope_dict(spelled, src, "vllm")
     overrides: dict[str, Any] = {"rope_parameters": rope}
     notes = _allow_context("vllm", overrides, rope, src, context)
@@ -576,12 +612,11 @@ def _vllm(
     if context is not None:
         python["max_model_len"] = context
         command += ["--max-model-len", str(context)]
-    return overrides, python, tuple(command), notes
+    return _Rendered(overrides, python, tuple(command), notes)
 
 
-def _sglang(
-    spelled: M.EngineSettings, src: _Source, context: int | None
-) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...], list[str]]:
+def _sglang(job: _Job) -> _Rendered:
+    spelled, src, context = job.spelled, job.src, job.context
     rope = _rope_dict(spelled, src, "sglang")
     notes: list[str] = []
     stale = [key for key in (src.declared or {}) if key not in rope and key in _SGLANG_READS]
@@ -608,7 +643,7 @@ def _sglang(
     if context is not None:
         python["context_length"] = context
         command += ["--context-length", str(context)]
-    return overrides, python, tuple(command), notes
+    return _Rendered(overrides, python, tuple(command), notes)
 
 
 def _float_text(value: float) -> str:
@@ -649,9 +684,8 @@ def _llamacpp_flags(
     return flags, kwargs, notes
 
 
-def _llamacpp(
-    spelled: M.EngineSettings, src: _Source, context: int | None
-) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...], list[str]]:
+def _llamacpp(job: _Job) -> _Rendered:
+    spelled, src, context = job.spelled, job.src, job.context
     arch = src.model.architecture or "ARCH"
     fields = src.gguf_fields or {}
     file_attention = float(fields.get(f"{arch}.rope.scaling.attn_factor", 1.0))
@@ -670,20 +704,14 @@ def _llamacpp(
             "llama_cpp.Llama passes yarn_beta_fast=32, yarn_beta_slow=1 by default, which override a file's "
             "keys: keep the betas in its keywords"
         )
-    return settings, python, tuple(command + flags), notes
+    return _Rendered(settings, python, tuple(command + flags), notes)
 
 
-def _gguf(
-    spelled: M.EngineSettings,
-    src: _Source,
-    scaling: RopeScaling,
-    context: int | None,
-    out: str | os.PathLike[str] | None,
-    progress: bool | None,
-) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...], list[str], str]:
+def _gguf(job: _Job) -> _Rendered:
+    spelled, src, context = job.spelled, job.src, job.context
     if src.gguf_path is None or src.gguf_fields is None:
         raise ValueError("--to gguf copies a GGUF file: SOURCE must be a .gguf file")
-    if out is None:
+    if job.out is None:
         raise ValueError("--to gguf needs --out OUT.gguf (out=): the input is never overwritten")
     from . import gguf
 
@@ -692,57 +720,59 @@ def _gguf(
     if "freq_base" in spelled.rope:
         stored = M.lossless_dict("none", {})  # NTK-aware as a new base: the file is plain RoPE with that base
     else:
-        stored = M.lossless_dict(scaling.method, scaling.settings())
+        stored = M.lossless_dict(job.scaling.method, job.scaling.settings())
     fields[M.GGUF_SETTINGS_KEY] = _json(stored)
     if context is not None:
         fields[f"{arch}.context_length"] = context
     prefix = f"{arch}.rope.scaling."
     remove = [prefix + key for key in _SPELLED_SCALING_KEYS if prefix + key not in fields]
-    copy = gguf.write_copy(src.gguf_path, out, fields=fields, remove=remove, progress=progress)
+    copy = gguf.write_copy(src.gguf_path, job.out, fields=fields, remove=remove, progress=job.progress)
+    python, command, notes = _gguf_command(spelled.rope, arch, str(copy.path), context)
+    notes.append(
+        f"copied {copy.tensor_count} tensors ({copy.tensor_bytes} bytes) byte for byte; yarn_rope reads the "
+        f"exact settings back from {M.GGUF_SETTINGS_KEY}"
+    )
+    return _Rendered(fields, python, command, notes, output=str(copy.path))
+
+
+def _gguf_command(
+    rope: Mapping[str, Any], arch: str, path: str, context: int | None
+) -> tuple[dict[str, Any], tuple[str, ...], list[str]]:
+    """(llama_cpp.Llama keywords, llama-server command, notes) for a GGUF copy at ``path``: the
+    flags for the keys this architecture's loader does not read from the file."""
     notes: list[str] = []
     needed: list[str] = []
     for key, default in _LLAMACPP_DEFAULTS.items():
-        value = spelled.rope.get(key)
+        value = rope.get(key)
         name = key.removeprefix("scaling.")
         if value is not None and value != default and arch not in M.LLAMACPP_ARCH_KEYS[name]:
             needed.append(key)
-    flags, kwargs, _ = _llamacpp_flags(spelled.rope, arch, 1.0, only=tuple(needed))
+    flags, kwargs, _ = _llamacpp_flags(rope, arch, 1.0, only=tuple(needed))
     if needed:
         notes.append(
             f"llama.cpp {M.LLAMACPP_RELEASE} reads {', '.join(k.removeprefix('scaling.') for k in needed)} "
             f"only for {', '.join(sorted(M.LLAMACPP_ARCH_KEYS[needed[0].removeprefix('scaling.')]))} models, "
             f"not {arch}: the file holds them, and the command passes them too"
         )
-    if spelled.rope.get("scaling.type") == "yarn":
+    if rope.get("scaling.type") == "yarn":
         for key in ("scaling.yarn_beta_fast", "scaling.yarn_beta_slow"):
             _, keyword = M.LLAMACPP_FLAGS[key]
-            kwargs[keyword] = float(spelled.rope[key])
+            kwargs[keyword] = float(rope[key])
         notes.append(
             "llama_cpp.Llama passes yarn_beta_fast=32, yarn_beta_slow=1 by default, which override a file's "
             "keys: keep the betas in its keywords"
         )
     python: dict[str, Any] = {
-        "model_path": str(copy.path),
+        "model_path": path,
         **({"n_ctx": context} if context is not None else {}),
         **kwargs,
     }
-    command = [
-        "llama-server",
-        "-m",
-        str(copy.path),
-        *(["-c", str(context)] if context is not None else []),
-        *flags,
-    ]
-    notes.append(
-        f"copied {copy.tensor_count} tensors ({copy.tensor_bytes} bytes) byte for byte; yarn_rope reads the "
-        f"exact settings back from {M.GGUF_SETTINGS_KEY}"
-    )
-    return fields, python, tuple(command), notes, str(copy.path)
+    command = ("llama-server", "-m", path, *(["-c", str(context)] if context is not None else []), *flags)
+    return python, command, notes
 
 
-def _transformers(
-    scaling: RopeScaling, src: _Source, context: int | None
-) -> tuple[dict[str, Any], list[str], str]:
+def _transformers(job: _Job) -> _Rendered:
+    scaling, src, context = job.scaling, job.src, job.context
     rope = scaling.to_hf()
     if src.model.rope_theta is not None:
         rope["rope_theta"] = src.model.rope_theta
@@ -772,7 +802,7 @@ def _transformers(
         notes.append(
             "dynamic NTK grows past config.max_position_embeddings, which must stay the original length"
         )
-    return settings, notes, release
+    return _Rendered(settings, settings, (), notes, release=release)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -826,59 +856,27 @@ def export(
         FileNotFoundError: no such source.
         TypeError: a source of another kind.
     """
-    if target not in TARGETS:
-        raise ValueError(f"unknown export target {target!r}; targets: {', '.join(TARGETS)}")
-    if rope_theta is not None:
-        rope_theta = F._check_base(rope_theta)
-    if rotary_dim is not None:
-        rotary_dim = F._check_dim(rotary_dim)
-    src = _read_source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
-    if rope_theta is not None or rotary_dim is not None:
-        src = dataclasses.replace(
-            src,
-            model=dataclasses.replace(
-                src.model,
-                rope_theta=rope_theta if rope_theta is not None else src.model.rope_theta,
-                rotary_dim=rotary_dim if rotary_dim is not None else src.model.rotary_dim,
-            ),
-        )
+    chosen = _target(target)
+    src = _source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
     requested = _with_overrides(src, scaling, settings)
     context = _context(requested, src, context_length)
-    if target == "transformers":
-        exported = requested.with_target(context, serving=True)
-        changes, notes, release = _transformers(exported, src, context)
-        return ExportResult(
-            target=target,
-            engine=release,
-            checked="transformers/modeling_rope_utils.py (ROPE_INIT_FUNCTIONS)",
-            source=src.label,
-            scaling=exported,
-            context_length=context,
-            settings=changes,
-            python=changes,
-            command=(),
-            environment={},
-            notes=tuple(notes),
+    exported, approximation = requested, None
+    spelled = M.EngineSettings({})
+    if chosen.engine is not None:
+        if requested.is_dynamic and context_length is None:
+            context = _served_context(requested, chosen.engine, context)
+        exported, approximation = _engine_scaling(
+            chosen.engine, requested, context, src.model, allow_approximation
         )
-    engine = "llama.cpp" if target == "gguf" else target
-    chosen, approximation = _engine_scaling(engine, requested, context, src.model, allow_approximation)
-    if approximation is not None and chosen.is_dynamic is False and requested.is_dynamic:
-        context = _context(chosen, src, context_length) or context
-    exported = chosen.with_target(context, serving=True)
-    spelling = exported.spec.engines[engine]
-    assert spelling.write is not None
-    spelled = spelling.write(exported.settings(), src.model)
-    notes = list(spelled.notes)
-    output = None
-    if target == "vllm":
-        native, python, command, extra = _vllm(spelled, src, context)
-    elif target == "sglang":
-        native, python, command, extra = _sglang(spelled, src, context)
-    elif target == "llama.cpp":
-        native, python, command, extra = _llamacpp(spelled, src, context)
-    else:
-        native, python, command, extra, output = _gguf(spelled, src, exported, context, out, progress)
-    notes += extra
+        if approximation is not None and not exported.is_dynamic and requested.is_dynamic:
+            context = _context(exported, src, context_length) or context
+    exported = exported.with_target(context, serving=True)
+    if chosen.engine is not None:
+        spelling = exported.spec.engines[chosen.engine]
+        assert spelling.write is not None
+        spelled = spelling.write(exported.settings(), src.model)
+    rendered = chosen.render(_Job(spelled, src, exported, context, out, progress))
+    notes = [*spelled.notes, *rendered.notes]
     if approximation is not None:
         notes.insert(
             0,
@@ -886,19 +884,134 @@ def export(
             f"difference {approximation.table_difference:.3g} in the frequency table and "
             f"{approximation.attention_difference:.3g} in the attention scaling",
         )
-    named = M.ENGINES[engine]
     return ExportResult(
-        target=target,
-        engine=f"{named.title} {named.release}",
-        checked=named.checked,
+        target=chosen.name,
+        engine=rendered.release or chosen.release,
+        checked=chosen.checked,
         source=src.label,
         scaling=exported,
         context_length=context,
-        settings=native,
-        python=python,
-        command=command,
+        settings=rendered.settings,
+        python=rendered.python,
+        command=rendered.command,
         environment={},
         notes=tuple(notes),
         approximation=approximation,
-        output=output,
+        output=rendered.output,
     )
+
+
+def _target(name: str) -> Target:
+    found = TARGETS.get(name) if isinstance(name, str) else None
+    if found is None:
+        raise ValueError(f"unknown export target {name!r}; targets: {', '.join(TARGETS)}")
+    return found
+
+
+def _source(
+    source: Any, *, gguf_file: str | None, rope_theta: float | None, rotary_dim: int | None
+) -> _Source:
+    """The source read, with the caller's ``rope_theta`` / ``rotary_dim`` over what it states."""
+    if rope_theta is not None:
+        rope_theta = F._check_base(rope_theta)
+    if rotary_dim is not None:
+        rotary_dim = F._check_dim(rotary_dim)
+    src = _read_source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
+    if rope_theta is None and rotary_dim is None:
+        return src
+    model = dataclasses.replace(
+        src.model,
+        rope_theta=rope_theta if rope_theta is not None else src.model.rope_theta,
+        rotary_dim=rotary_dim if rotary_dim is not None else src.model.rotary_dim,
+    )
+    return dataclasses.replace(src, model=model)
+
+
+# ------------------------------------------------------------------------------------------------
+# The targets
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What a target's renderer gets: the engine's spelling, the source, the settings served."""
+
+    spelled: M.EngineSettings
+    src: _Source
+    scaling: RopeScaling
+    context: int | None
+    out: str | os.PathLike[str] | None
+    progress: bool | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rendered:
+    """What a renderer gives: :class:`ExportResult`'s ``settings``, ``python``, ``command``, notes."""
+
+    settings: dict[str, Any]
+    python: dict[str, Any]
+    command: tuple[str, ...]
+    notes: list[str]
+    output: str | None = None
+    release: str | None = None  # replaces Target.release (transformers: the releases that compute it)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One export target: what ``export(..., target=name)`` and ``yarn-rope export --to name`` give.
+
+    Attributes:
+        name: the target's name (``--to``).
+        engine: the engine of :data:`yarn_rope.methods.ENGINES` whose spelling it renders
+            (``None``: transformers, which reads ``RopeScaling.to_hf``).
+        entry_point: the Python entry point that takes :attr:`ExportResult.python` as keywords.
+        summary: one line for help.
+        writes_file: whether it writes a file (``out=``, ``--out``).
+        render: ``_Job -> _Rendered``: the engine's spelling as settings, keywords and a command.
+        checked: the files of the release that were read (default: the engine's).
+    """
+
+    name: str
+    engine: str | None
+    entry_point: str
+    summary: str
+    render: Callable[[_Job], _Rendered]
+    writes_file: bool = False
+    checked: str = ""
+
+    @property
+    def release(self) -> str:
+        """The engine release its spelling was checked against (``"vLLM 0.33.0"``)."""
+        if self.engine is None:
+            return "transformers"
+        named = M.ENGINES[self.engine]
+        return f"{named.title} {named.release}"
+
+
+def _targets(*targets: Target) -> dict[str, Target]:
+    return {
+        target.name: target
+        if target.checked or target.engine is None
+        else dataclasses.replace(target, checked=M.ENGINES[target.engine].checked)
+        for target in targets
+    }
+
+
+#: Export targets by name: the serving engines of :data:`yarn_rope.methods.ENGINES`, transformers,
+#: and a GGUF copy. Iterating gives the names (the CLI's ``--to`` choices).
+TARGETS: Mapping[str, Target] = _targets(
+    Target("vllm", "vllm", "vllm.LLM", "vLLM: hf_overrides and max_model_len", _vllm),
+    Target("sglang", "sglang", "sglang.Engine", "SGLang: json_model_override_args", _sglang),
+    Target("llama.cpp", "llama.cpp", "llama_cpp.Llama", "llama.cpp: flags on the original GGUF", _llamacpp),
+    Target(
+        "transformers",
+        None,
+        "AutoModelForCausalLM.from_pretrained",
+        "transformers: the config changes",
+        _transformers,
+        checked="transformers/modeling_rope_utils.py (ROPE_INIT_FUNCTIONS)",
+    ),
+    Target(
+        "gguf", "llama.cpp", "llama_cpp.Llama", "a GGUF copy with the metadata set", _gguf, writes_file=True
+    ),
+)

@@ -10,15 +10,25 @@ copied byte for byte (never re-quantized), atomically. Needs the ``gguf`` packag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import importlib.util
+import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ._files import atomic_path
 from ._progress import progress_bar
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GGUF_EXTRA", "GGUFCopy", "GGUFMetadata", "read_metadata", "write_copy"]
 
@@ -140,6 +150,70 @@ def _same_file(first: Path, second: Path) -> bool:
     return first.resolve() == second.resolve()
 
 
+def _check_copy(source: Path, destination: Path, fields: Mapping[str, Any], removed: tuple[str, ...]) -> None:
+    """Clear errors before any byte is written (see :func:`write_copy`'s Raises)."""
+    read_metadata(source)  # clear errors for a missing, foreign or truncated file
+    if _same_file(source, destination):
+        raise ValueError(f"refusing to overwrite the input {source}: pass another output path (--out)")
+    if destination.is_dir():
+        raise ValueError(
+            f"output {destination} is a folder; pass a file name such as {destination / source.name}"
+        )
+    if not destination.parent.is_dir():
+        raise FileNotFoundError(f"no folder {destination.parent} for the output {destination}")
+    if "general.architecture" in fields or "general.architecture" in removed:
+        raise ValueError("general.architecture cannot be changed in a copy: it names every other key")
+
+
+def _write_fields(
+    gguf: Any, reader: Any, writer: Any, fields: Mapping[str, Any], removed: tuple[str, ...]
+) -> list[str]:
+    """Every metadata key of ``reader`` into ``writer``, ``fields`` set and ``removed`` left out;
+    returns the removed keys the file held."""
+    pending = dict(fields)
+    present: list[str] = []
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        if field.name in removed:
+            present.append(field.name)
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        value = pending.pop(field.name) if field.name in pending else field.contents()
+        writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
+    for key, value in pending.items():
+        writer.add_key_value(key, value, _value_type(gguf, key, value))
+    return present
+
+
+@contextlib.contextmanager
+def _held(temporary: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``temporary`` while the copy is written: the lock dies with the
+    process, so a later run tells a killed copy's temporary from a running one's."""
+    if fcntl is None:  # Windows: no flock; stale temporaries are not recognised there
+        yield
+        return
+    with open(temporary, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+
+
+def _remove_stale_temporaries(destination: Path) -> None:
+    """Remove what a killed copy to ``destination`` left: ``.NAME.*.tmp`` in its folder (the names
+    :func:`~yarn_rope._files.atomic_path` gives) that no live copy holds locked (:func:`_held`)."""
+    if fcntl is None:
+        return
+    for stale in destination.parent.glob(f".{glob.escape(destination.name)}.*.tmp"):
+        try:
+            with open(stale, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                stale.unlink()
+        except OSError:  # held by a running copy, or already gone
+            continue
+        logger.info("removed %s, left by an interrupted copy to %s", stale, destination)
+
+
 def write_copy(
     source: str | os.PathLike[str],
     destination: str | os.PathLike[str],
@@ -154,7 +228,9 @@ def write_copy(
     uint32, ``float`` -> float32, ``str``, ``bool``). Tensor data, shapes, quantization types,
     the tensor order and the file's alignment are kept as they are. The copy is written to a
     temporary file in the destination's folder and moved into place with ``os.replace``, so an
-    interrupted run never leaves a half-written file at ``destination``.
+    interrupted run never leaves a half-written file at ``destination``. A copy killed outright
+    (``kill -9``) leaves its temporary, ``.NAME.XXXX.tmp`` beside ``destination``: the next copy to
+    the same destination removes it (on systems with ``flock``; a running copy's is kept).
 
     Args:
         source: the GGUF file to copy.
@@ -173,45 +249,22 @@ def write_copy(
         ImportError: the ``gguf`` package is missing.
     """
     source, destination = Path(source), Path(destination)
-    read_metadata(source)  # clear errors for a missing, foreign or truncated file
-    if _same_file(source, destination):
-        raise ValueError(f"refusing to overwrite the input {source}: pass another output path (--out)")
-    if destination.is_dir():
-        raise ValueError(
-            f"output {destination} is a folder; pass a file name such as {destination / source.name}"
-        )
-    if not destination.parent.is_dir():
-        raise FileNotFoundError(f"no folder {destination.parent} for the output {destination}")
     removed = tuple(dict.fromkeys(remove))
-    if "general.architecture" in fields or "general.architecture" in removed:
-        raise ValueError("general.architecture cannot be changed in a copy: it names every other key")
+    _check_copy(source, destination, fields, removed)
     import gguf
 
     reader = gguf.GGUFReader(str(source))
     arch = reader.fields["general.architecture"].contents()
-    with atomic_path(destination) as temporary:
+    _remove_stale_temporaries(destination)
+    with atomic_path(destination) as temporary, _held(temporary):
         writer = gguf.GGUFWriter(str(temporary), arch=arch, endianess=reader.endianess)
         writer.data_alignment = reader.alignment
-        pending = dict(fields)
-        present: list[str] = []
-        for field in reader.fields.values():
-            if field.name == "general.architecture" or field.name.startswith("GGUF."):
-                continue  # written by GGUFWriter itself
-            if field.name in removed:
-                present.append(field.name)
-                continue
-            value_type = field.types[0]
-            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-            value = pending.pop(field.name) if field.name in pending else field.contents()
-            writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
-        for key, value in pending.items():
-            writer.add_key_value(key, value, _value_type(gguf, key, value))
-        total = 0
+        present = _write_fields(gguf, reader, writer, fields, removed)
+        total = sum(int(tensor.n_bytes) for tensor in reader.tensors)
         for tensor in reader.tensors:
             writer.add_tensor_info(
                 tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
             )
-            total += int(tensor.n_bytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

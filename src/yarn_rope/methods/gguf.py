@@ -24,6 +24,7 @@ __all__ = [
     "GGUF_SETTINGS_KEY",
     "LLAMACPP_ARCH_KEYS",
     "LLAMACPP_FLAGS",
+    "LLAMACPP_NO_ROPE_ARCHS",
     "LLAMACPP_RELEASE",
     "LLAMACPP_SCALING_TYPES",
     "from_gguf_metadata",
@@ -62,6 +63,13 @@ LLAMACPP_ARCH_KEYS: dict[str, frozenset[str]] = {
 # Loaders that divide yarn_log_multiplier by 0.1: their converter writes 0.1 * mscale_all_dim
 # (llama.cpp [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX], PR #17945).
 _LOG_MULTIPLIER_IN_TENTHS = frozenset({"deepseek2", "deepseek32", "mistral4"})
+
+#: llama.cpp architectures without rotary position embeddings (learned or absolute positions,
+#: ALiBi, relative bias, recurrent): a rope scaling written into them would be read by nothing.
+LLAMACPP_NO_ROPE_ARCHS: frozenset[str] = frozenset(
+    {"gpt2", "bert", "bloom", "mpt", "starcoder", "jina-bert-v2", "jais", "t5", "t5encoder"}
+    | {"mamba", "mamba2", "rwkv6", "rwkv7", "rwkv6qwen2"}
+)
 
 #: GGUF key where yarn_rope keeps its exact settings beside llama.cpp's (float32) keys, as JSON: a
 #: rope dict ``{"rope_type": "yarn_rope.<method>", ...}`` that reads back to the same settings.

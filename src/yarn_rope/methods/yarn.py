@@ -278,7 +278,7 @@ def _serve_factor(s: Settings, context: int | None) -> float:
     if target is None:
         raise ValueError(
             "a static approximation of dynamic scaling needs the context length it serves: pass "
-            "context_length= (--context-length)"
+            "context_length= (--context-length), or a factor (the context is then factor * original)"
         )
     return max(1.0, float(target) / original)
 
