@@ -747,7 +747,10 @@ def test_cli_missing_source(capsys):
 def test_cli_approximation_prints_the_differences(tmp_path, capsys):
     folder, _ = _family(tmp_path, "Yarn-Llama-2-7b-64k")
     argv = ["export", str(folder), "--to", "sglang", "--method", "dynamic-yarn", "--allow-approximation"]
-    assert main(argv) == 0
+    # Without a context or a factor the approximation has nothing to serve (issue 24): refused.
+    assert main(argv) == 2
+    assert "--context-length" in capsys.readouterr().err
+    assert main([*argv, "--factor", "16"]) == 0
     printed = capsys.readouterr().out
     assert "largest relative difference: frequency table" in printed
 
