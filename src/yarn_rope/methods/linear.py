@@ -4,40 +4,30 @@ from __future__ import annotations
 
 from .. import frequencies as F
 from . import register
+from . import spec as S
 from .settings import Settings
-from .spec import (
-    _ALL_RELEASES,
-    EngineSettings,
-    EngineSpelling,
-    MethodSpec,
-    ServeModel,
-    TransformersSpelling,
-    _exact,
-    _static,
-    _write_factor,
-)
 
 
-def _engine_linear(s: Settings, model: ServeModel) -> EngineSettings:
-    return EngineSettings({"rope_type": "linear", "factor": s["factor"]})
+def _engine_linear(s: Settings, model: S.ServeModel) -> S.EngineSettings:
+    return S.EngineSettings({"rope_type": "linear", "factor": s["factor"]})
 
 
-def _llamacpp_linear(s: Settings, model: ServeModel) -> EngineSettings:
-    return EngineSettings({"scaling.type": "linear", "scaling.factor": s["factor"]})
+def _llamacpp_linear(s: Settings, model: S.ServeModel) -> S.EngineSettings:
+    return S.EngineSettings({"scaling.type": "linear", "scaling.factor": s["factor"]})
 
 
 register(
-    MethodSpec(
+    S.MethodSpec(
         name="linear",
         summary="every frequency divided by factor (position interpolation)",
         reference="Chen et al. 2023; kaiokendev",
-        table=_static(F.linear_inv_freq, "factor"),
+        table=S._static(F.linear_inv_freq, "factor"),
         required=("factor",),
-        transformers=TransformersSpelling("linear", exact=_ALL_RELEASES, write=_write_factor("linear")),
+        transformers=S.TransformersSpelling("linear", exact=S._ALL_RELEASES, write=S._write_factor("linear")),
         engines={
-            "vllm": EngineSpelling(_engine_linear, _exact),
-            "sglang": EngineSpelling(_engine_linear, _exact),
-            "llama.cpp": EngineSpelling(_llamacpp_linear, _exact),
+            "vllm": S.EngineSpelling(_engine_linear, S._exact),
+            "sglang": S.EngineSpelling(_engine_linear, S._exact),
+            "llama.cpp": S.EngineSpelling(_llamacpp_linear, S._exact),
         },
     )
 )

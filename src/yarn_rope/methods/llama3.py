@@ -7,17 +7,8 @@ from typing import Any
 
 from .. import frequencies as F
 from . import register
+from . import spec as S
 from .settings import Settings
-from .spec import (
-    _ALL_RELEASES,
-    EngineSettings,
-    EngineSpelling,
-    MethodSpec,
-    ServeModel,
-    TransformersSpelling,
-    _exact,
-    _static,
-)
 
 
 def _check_llama3(values: dict[str, Any]) -> None:
@@ -39,8 +30,8 @@ def _write_llama3(s: Settings) -> dict[str, Any]:
     }
 
 
-def _llama3(s: Settings, model: ServeModel) -> EngineSettings:
-    return EngineSettings(_write_llama3(s))
+def _llama3(s: Settings, model: S.ServeModel) -> S.EngineSettings:
+    return S.EngineSettings(_write_llama3(s))
 
 
 def _llamacpp_llama3_loses(s: Settings) -> str | None:
@@ -69,11 +60,11 @@ def _llama3_closest(s: Settings, context: int | None) -> tuple[tuple[str, dict[s
 
 
 register(
-    MethodSpec(
+    S.MethodSpec(
         name="llama3",
         summary="Llama 3.1: wavelength bounds L/high_freq_factor and L/low_freq_factor, ramp in between",
         reference="Meta Llama 3.1 (2024), apply_scaling",
-        table=_static(
+        table=S._static(
             F.llama3_inv_freq,
             "factor",
             "original_max_position_embeddings",
@@ -85,11 +76,11 @@ register(
         check=_check_llama3,
         states_target=False,
         defaults={"low_freq_factor": 1.0, "high_freq_factor": 4.0},
-        transformers=TransformersSpelling("llama3", exact=_ALL_RELEASES, write=_write_llama3),
+        transformers=S.TransformersSpelling("llama3", exact=S._ALL_RELEASES, write=_write_llama3),
         engines={
-            "vllm": EngineSpelling(_llama3, _exact),
-            "sglang": EngineSpelling(_llama3, _exact),
-            "llama.cpp": EngineSpelling(None, _llamacpp_llama3_loses, _llama3_closest),
+            "vllm": S.EngineSpelling(_llama3, S._exact),
+            "sglang": S.EngineSpelling(_llama3, S._exact),
+            "llama.cpp": S.EngineSpelling(None, _llamacpp_llama3_loses, _llama3_closest),
         },
     )
 )

@@ -10,8 +10,8 @@ import torch
 
 from .. import frequencies as F
 from . import register
+from . import spec as S
 from .settings import Settings
-from .spec import ENGINES, EngineSettings, EngineSpelling, MethodSpec, ServeModel, TransformersSpelling
 
 
 def longrope_factor(s: Settings) -> float:
@@ -72,8 +72,8 @@ def _write_longrope(s: Settings) -> dict[str, Any]:
     return out
 
 
-def _rope_list(engine: str) -> Callable[[Settings, ServeModel], EngineSettings]:
-    def write(s: Settings, model: ServeModel) -> EngineSettings:
+def _rope_list(engine: str) -> Callable[[Settings, S.ServeModel], S.EngineSettings]:
+    def write(s: Settings, model: S.ServeModel) -> S.EngineSettings:
         attention = _longrope_attention(s, None)
         rope = {
             "rope_type": "longrope",
@@ -84,10 +84,10 @@ def _rope_list(engine: str) -> Callable[[Settings, ServeModel], EngineSettings]:
             "long_mscale": attention,
         }
         note = (
-            f"short_mscale = long_mscale = {attention:.9g}: {ENGINES[engine].title} would otherwise derive "
+            f"short_mscale = long_mscale = {attention:.9g}: {S.ENGINES[engine].title} would otherwise derive "
             "them from max_position_embeddings / original_max_position_embeddings"
         )
-        return EngineSettings(rope, notes=(note,))
+        return S.EngineSettings(rope, notes=(note,))
 
     return write
 
@@ -109,7 +109,7 @@ def _longrope_loses(engine: str) -> Callable[[Settings], str | None]:
                 "ones"
             )
         return (
-            f"{ENGINES[engine].title} {ENGINES[engine].release} serves LongRoPE {how}; transformers and "
+            f"{S.ENGINES[engine].title} {S.ENGINES[engine].release} serves LongRoPE {how}; transformers and "
             "yarn_rope switch per sequence length"
         )
 
@@ -141,7 +141,7 @@ def _llamacpp_longrope_loses(s: Settings) -> str | None:
 
 
 register(
-    MethodSpec(
+    S.MethodSpec(
         name="longrope",
         summary="per-pair searched factors, short up to the original length and long beyond it",
         reference="Ding et al. 2024, LongRoPE; Phi-3/3.5/4-mini",
@@ -156,7 +156,7 @@ register(
         check=_check_longrope,
         states_target=False,
         attention=_longrope_attention,
-        transformers=TransformersSpelling(
+        transformers=S.TransformersSpelling(
             "longrope",
             exact="5.x (checked 5.23.0)",
             write=_write_longrope,
@@ -165,9 +165,9 @@ register(
             "rope_scaling states another factor",
         ),
         engines={
-            "vllm": EngineSpelling(_rope_list("vllm"), _longrope_loses("vllm"), _longrope_closest),
-            "sglang": EngineSpelling(_rope_list("sglang"), _longrope_loses("sglang"), _longrope_closest),
-            "llama.cpp": EngineSpelling(None, _llamacpp_longrope_loses),
+            "vllm": S.EngineSpelling(_rope_list("vllm"), _longrope_loses("vllm"), _longrope_closest),
+            "sglang": S.EngineSpelling(_rope_list("sglang"), _longrope_loses("sglang"), _longrope_closest),
+            "llama.cpp": S.EngineSpelling(None, _llamacpp_longrope_loses),
         },
     )
 )

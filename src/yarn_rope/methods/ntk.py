@@ -10,19 +10,8 @@ import torch
 
 from .. import frequencies as F
 from . import register
+from . import spec as S
 from .settings import Settings
-from .spec import (
-    _ALL_RELEASES,
-    EngineSettings,
-    EngineSpelling,
-    MethodSpec,
-    ServeModel,
-    TransformersSpelling,
-    _exact,
-    _static,
-    _write_factor,
-    refuse,
-)
 
 
 def _dynamic_ntk_threshold(s: Settings) -> int | None:
@@ -51,7 +40,7 @@ def _dynamic_ntk_table(
     return table, 1.0
 
 
-def _ntk_theta(factor: float, model: ServeModel) -> float:
+def _ntk_theta(factor: float, model: S.ServeModel) -> float:
     if model.rotary_dim is None or model.rope_theta is None:
         raise ValueError(
             "NTK-aware scaling is served as plain RoPE with the base rope_theta * factor^(d / (d - 2)), "
@@ -60,8 +49,8 @@ def _ntk_theta(factor: float, model: ServeModel) -> float:
     return F._ntk_base(model.rotary_dim, model.rope_theta, factor)
 
 
-def _ntk(engine: str) -> Callable[[Settings, ServeModel], EngineSettings]:
-    def write(s: Settings, model: ServeModel) -> EngineSettings:
+def _ntk(engine: str) -> Callable[[Settings, S.ServeModel], S.EngineSettings]:
+    def write(s: Settings, model: S.ServeModel) -> S.EngineSettings:
         theta = _ntk_theta(s["factor"], model)
         note = (
             f"NTK-aware scaling is plain RoPE with base {model.rope_theta:g} * "
@@ -69,11 +58,11 @@ def _ntk(engine: str) -> Callable[[Settings, ServeModel], EngineSettings]:
             f"{theta:.9g}"
         )
         if engine == "llama.cpp":
-            return EngineSettings(
+            return S.EngineSettings(
                 {"scaling.type": "none", "freq_base": theta}, rope_theta=theta, notes=(note,)
             )
         own = " (vLLM's own 'ntk' type computes another formula)" if engine == "vllm" else ""
-        return EngineSettings({"rope_type": "default"}, rope_theta=theta, notes=(note + own,))
+        return S.EngineSettings({"rope_type": "default"}, rope_theta=theta, notes=(note + own,))
 
     return write
 
@@ -114,35 +103,35 @@ def _ntk_by_parts_closest(s: Settings, context: int | None) -> tuple[tuple[str, 
 
 
 register(
-    MethodSpec(
+    S.MethodSpec(
         name="ntk",
         summary="NTK-aware base change base * factor^(dim/(dim-2))",
         reference="bloc97 (2023)",
-        table=_static(F.ntk_inv_freq, "factor"),
+        table=S._static(F.ntk_inv_freq, "factor"),
         required=("factor",),
         call_aliases={"alpha": "factor"},
         engines={
-            "vllm": EngineSpelling(_ntk("vllm"), _exact),
-            "sglang": EngineSpelling(_ntk("sglang"), _exact),
-            "llama.cpp": EngineSpelling(_ntk("llama.cpp"), _exact),
+            "vllm": S.EngineSpelling(_ntk("vllm"), S._exact),
+            "sglang": S.EngineSpelling(_ntk("sglang"), S._exact),
+            "llama.cpp": S.EngineSpelling(_ntk("llama.cpp"), S._exact),
         },
     )
 )
 register(
-    MethodSpec(
+    S.MethodSpec(
         name="ntk-by-parts",
         summary="the authors' original two-ramp NTK-by-parts (LlamaPartNTKScaledRotaryEmbedding)",
         reference="jquesnelle/yarn, scaled_rope/ (commit 995db5b)",
-        table=_static(
+        table=S._static(
             F.ntk_by_parts_inv_freq, "factor", "original_max_position_embeddings", "extrapolation_factor"
         ),
         settings=("extrapolation_factor",),
         required=("factor", "original_max_position_embeddings"),
-        engines=refuse(_NO_NTK_BY_PARTS, _ntk_by_parts_closest),
+        engines=S.refuse(_NO_NTK_BY_PARTS, _ntk_by_parts_closest),
     )
 )
 register(
-    MethodSpec(
+    S.MethodSpec(
         name="dynamic-ntk",
         summary="NTK base grown with the sequence length beyond the original context",
         reference="emozilla (2023)",
@@ -156,11 +145,11 @@ register(
         length_is_original=True,
         aliases=("dynamic",),
         call_aliases={"alpha": "factor", "max_position_embeddings": "original_max_position_embeddings"},
-        transformers=TransformersSpelling(
+        transformers=S.TransformersSpelling(
             "dynamic",
-            exact=_ALL_RELEASES + "; its threshold is config.max_position_embeddings",
-            write=_write_factor("dynamic"),
+            exact=S._ALL_RELEASES + "; its threshold is config.max_position_embeddings",
+            write=S._write_factor("dynamic"),
         ),
-        engines=refuse(_NO_DYNAMIC_NTK, _dynamic_ntk_closest),
+        engines=S.refuse(_NO_DYNAMIC_NTK, _dynamic_ntk_closest),
     )
 )

@@ -12,17 +12,9 @@ import torch
 
 from .. import frequencies as F
 from . import register
+from . import spec as S
 from .gguf import llamacpp_attention_base
 from .settings import _YARN_ATTENTION, _YARN_RAMP, Settings
-from .spec import (
-    EngineSettings,
-    EngineSpelling,
-    MethodSpec,
-    ServeModel,
-    TransformersSpelling,
-    _exact,
-    refuse,
-)
 
 
 def yarn_attention_scaling(s: Settings, factor: float) -> float:
@@ -168,7 +160,7 @@ def _yarn_rope_keys(s: Settings) -> dict[str, Any]:
     }
 
 
-def _vllm_yarn(s: Settings, model: ServeModel) -> EngineSettings:
+def _vllm_yarn(s: Settings, model: S.ServeModel) -> S.EngineSettings:
     factor = s["factor"]
     rope = _yarn_rope_keys(s)
     if not s["truncate"]:
@@ -191,7 +183,7 @@ def _vllm_yarn(s: Settings, model: ServeModel) -> EngineSettings:
             "releases that ignore attention_factor (before vLLM #46280 / #48351) read attn_factor instead: "
             f"attn_factor = {target / F.yarn_mscale(factor):.9g}, which multiplies 0.1 ln s + 1"
         )
-    return EngineSettings(rope, notes=tuple(notes))
+    return S.EngineSettings(rope, notes=tuple(notes))
 
 
 def _vllm_yarn_loses(s: Settings) -> str | None:
@@ -203,7 +195,7 @@ def _vllm_yarn_loses(s: Settings) -> str | None:
     return None
 
 
-def _sglang_yarn(s: Settings, model: ServeModel) -> EngineSettings:
+def _sglang_yarn(s: Settings, model: S.ServeModel) -> S.EngineSettings:
     factor = s["factor"]
     rope = _yarn_rope_keys(s)
     rope["extrapolation_factor"] = s["extrapolation_factor"]
@@ -225,10 +217,10 @@ def _sglang_yarn(s: Settings, model: ServeModel) -> EngineSettings:
             f"attn_factor = {target / own:.9g} multiplies SGLang's own {own:.9g} to give "
             f"{_attention_formula(s, factor)} (SGLang 0.5.23 does not read attention_factor)",
         )
-    return EngineSettings(rope, notes=notes)
+    return S.EngineSettings(rope, notes=notes)
 
 
-def _llamacpp_yarn(s: Settings, model: ServeModel) -> EngineSettings:
+def _llamacpp_yarn(s: Settings, model: S.ServeModel) -> S.EngineSettings:
     factor = s["factor"]
     keys: dict[str, Any] = {
         "scaling.type": "yarn",
@@ -248,7 +240,7 @@ def _llamacpp_yarn(s: Settings, model: ServeModel) -> EngineSettings:
             f"{_attention_formula(s, factor)}; it is the GGUF key {{arch}}.rope.scaling.attn_factor "
             "(--override-kv): --yarn-attn-factor is overwritten whenever YaRN is on (src/llama-context.cpp)",
         )
-    return EngineSettings(keys, notes=notes)
+    return S.EngineSettings(keys, notes=notes)
 
 
 def _llamacpp_yarn_loses(s: Settings) -> str | None:
@@ -307,7 +299,7 @@ def _yarn_static_closest(s: Settings, context: int | None) -> tuple[tuple[str, d
 
 
 register(
-    MethodSpec(
+    S.MethodSpec(
         name="yarn",
         summary="ramp between extrapolated and interpolated pairs, attention scaling 0.1 ln s + 1",
         reference="Peng et al., ICLR 2024, section 3.2, and the authors' code",
@@ -317,7 +309,7 @@ register(
         consistent_lengths=True,
         check=_check_yarn,
         attention=_yarn_attention,
-        transformers=TransformersSpelling(
+        transformers=S.TransformersSpelling(
             "yarn",
             exact="4.57+ (checked 4.57.6, 5.23.0)",
             write=_write_yarn,
@@ -326,14 +318,14 @@ register(
             vanilla=_yarn_is_vanilla,
         ),
         engines={
-            "vllm": EngineSpelling(_vllm_yarn, _vllm_yarn_loses, _yarn_static_closest),
-            "sglang": EngineSpelling(_sglang_yarn, _exact),
-            "llama.cpp": EngineSpelling(_llamacpp_yarn, _llamacpp_yarn_loses, _yarn_static_closest),
+            "vllm": S.EngineSpelling(_vllm_yarn, _vllm_yarn_loses, _yarn_static_closest),
+            "sglang": S.EngineSpelling(_sglang_yarn, S._exact),
+            "llama.cpp": S.EngineSpelling(_llamacpp_yarn, _llamacpp_yarn_loses, _yarn_static_closest),
         },
     )
 )
 register(
-    MethodSpec(
+    S.MethodSpec(
         name="dynamic-yarn",
         summary="YaRN with s = max(1, seq_len / original) (or the fine-tuned factor within its context)",
         reference="Peng et al., ICLR 2024, section 3.3",
@@ -350,6 +342,6 @@ register(
         factor_is_key=True,
         factor_follows_length=lambda s: not s.get("finetuned"),
         attention=_yarn_attention,
-        engines=refuse(_NO_DYNAMIC_YARN, _dynamic_yarn_closest),
+        engines=S.refuse(_NO_DYNAMIC_YARN, _dynamic_yarn_closest),
     )
 )
