@@ -151,16 +151,12 @@ def _open_run(args: argparse.Namespace, recipe: Any) -> Any:
     from ..finetune import FinetuneRun
 
     try:
+        options = ("resume", "eval_lengths", "eval_every", "checkpoint_every", "keep_checkpoints", "plot")
         return FinetuneRun(
             args.output,
             recipe=recipe,
-            resume=args.resume,
-            eval_lengths=args.eval_lengths,
-            eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints,
-            plot=args.plot,
             progress=args.progress,
+            **{name: getattr(args, name) for name in options},
         )
     except (FileExistsError, PermissionError) as error:
         raise type(error)(f"--output: {error}") from None

@@ -501,14 +501,14 @@ class FinetuneRun:
         *,
         recipe: FinetuneRecipe | None = None,
         tokenizer: Any | None = None,
+        accelerator: Any | None = None,
         resume: str | os.PathLike[str] | None = None,
-        eval_lengths: Sequence[int] | None = None,
-        eval_every: int | None = None,
-        eval_data: Sequence[torch.Tensor] | None = None,
         checkpoint_every: int | None = None,
         keep_checkpoints: int = 1,
+        eval_every: int | None = None,
+        eval_lengths: Sequence[int] | None = None,
+        eval_data: Sequence[torch.Tensor] | None = None,
         plot: bool = True,
-        accelerator: Any | None = None,
         progress: bool | None = None,
     ) -> None:
         self._began = time.perf_counter()
