@@ -176,8 +176,11 @@ def _describe_run(say: Callable[..., None], args: argparse.Namespace, run: Any) 
         f"{recipe.original_max_position_embeddings} tokens = {recipe.scaled_context()} tokens of context"
     )
     say(
-        f"data: {packed.sequences.shape[0]} sequences of {recipe.seq_len} tokens from {packed.documents} "
-        f"documents ({packed.tokens} tokens read, {packed.held_out.numel()} held out for evaluation)"
+        f"data: {packed.sequences.shape[0]} sequences of {recipe.seq_len} tokens from "
+        + _count(packed.documents, "document")
+        + ("" if packed.files is None else f" in {_count(packed.files, 'file')}")
+        + (f" (skipped hidden: {', '.join(packed.skipped)})" if packed.skipped else "")
+        + f"; {packed.tokens} tokens read, {packed.held_out.numel()} held out for evaluation"
     )
     say(
         f"recipe: {recipe.steps} steps, lr {recipe.learning_rate:g} ({recipe.schedule}, "
@@ -185,6 +188,10 @@ def _describe_run(say: Callable[..., None], args: argparse.Namespace, run: Any) 
         f"accumulation x {run.processes} processes = {recipe.global_batch(run.processes)} sequences per step"
         + (f", LoRA rank {recipe.lora_rank}" if recipe.lora else "")
     )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _load_model(args: argparse.Namespace, source: str, kwargs: dict[str, Any]) -> Any:

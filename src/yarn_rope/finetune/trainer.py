@@ -33,6 +33,7 @@ Output folder::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ from .. import _compat
 from .._files import write_text
 from .._progress import progress_bar
 from ..config import RopeScaling
-from .data import PackedData, PackedSequences, prepare_data
+from .data import PackedData, PackedSequences, _checked_ids, prepare_data
 from .recipe import FinetuneRecipe
 
 __all__ = [
@@ -618,6 +619,7 @@ class FinetuneRun:
                     text_column=text_column,
                     split=split,
                     progress=self.progress if accelerator.is_main_process else False,
+                    vocab_size=self.vocab_size,
                 )
             )
         self._check_data(packed, needed)
@@ -637,6 +639,10 @@ class FinetuneRun:
                 f"evaluating at {max(self.lengths)} tokens needs that many held-out tokens; the packed data "
                 f"hold {packed.held_out.numel()}: pack with held_out={max(self.lengths)}, pass eval_data, "
                 "or eval_every=0"
+            )
+        for name, ids in (("sequences", packed.sequences), ("held-out tokens", packed.held_out)):
+            _checked_ids(
+                ids, functools.partial(str, f"the {name} packed from {packed.source}"), self.vocab_size
             )
         count = int(packed.sequences.shape[0])
         if count < needed:
@@ -733,8 +739,13 @@ class FinetuneRun:
         global_batch = recipe.global_batch(self.processes)
         count = int(self.packed.sequences.shape[0])
         order = _data_order(count, recipe.steps * global_batch, recipe.seed)[self._start * global_batch :]
+        # A generator of its own: otherwise starting to iterate draws a seed from the global random
+        # state, which a resumed run has just restored, and every later dropout mask would shift.
         return torch.utils.data.DataLoader(
-            PackedSequences(self.packed.sequences, order), batch_size=recipe.batch_size, shuffle=False
+            PackedSequences(self.packed.sequences, order),
+            batch_size=recipe.batch_size,
+            shuffle=False,
+            generator=torch.Generator().manual_seed(recipe.seed),
         )
 
     def _restore(self, checkpoint: Path) -> None:
