@@ -32,6 +32,7 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,8 +40,10 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +75,9 @@ LOG_FILE = "finetune.json"
 PLOT_FILE = "loss.png"
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
+# The final model is written here, inside OUTPUT, then its files are moved into OUTPUT (config.json last).
+_PARTIAL_MODEL = ".model.partial"
+_RUN_KEYS = frozenset({"step", "recipe", "data_fingerprint", "processes"})
 _PLOT_EXTRA = "pip install 'yarn-rope[plot]'"
 _FINETUNE_EXTRA = "pip install 'yarn-rope[finetune]'"
 # Recipe fields that may differ on resume (none: every field shapes the trajectory).
@@ -232,11 +238,16 @@ def check_output(output: str | os.PathLike[str], resume: str | os.PathLike[str] 
 
     Raises:
         FileExistsError: ``output`` exists, is not empty, and no ``resume`` was given.
+        PermissionError: ``output`` cannot be written.
         FileNotFoundError: ``resume`` is neither a checkpoint nor a folder holding one.
+        ValueError: every checkpoint there is incomplete (a truncated ``run.json`` or state file).
+            An incomplete newest checkpoint with a complete older one resumes from the older one,
+            with a warning.
     """
     target = Path(output)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"output {target} exists and is a file: choose a new folder")
+    _check_writable(target)
     if resume is None:
         if target.is_dir() and any(target.iterdir()):
             raise FileExistsError(
@@ -266,16 +277,74 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=_checkpoint_step, reverse=True)
 
 
+def _check_writable(target: Path) -> None:
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileExistsError(f"output {target}: {existing} is a file, not a folder: choose another output")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".yarn-rope-write-test.", dir=existing))
+    except OSError as error:
+        raise PermissionError(
+            f"cannot write {target}: {existing} is not writable ({error.strerror or error}): choose another "
+            "output folder"
+        ) from None
+
+
 def _checkpoint_of(resume: Path) -> Path:
+    """The checkpoint to resume from: ``resume`` itself or a run folder's newest, else the newest
+    complete one before it (with a warning naming what is incomplete)."""
     if (resume / RUN_FILE).is_file():
-        return resume
-    latest = latest_checkpoint(resume)
-    if latest is None:
-        raise FileNotFoundError(
-            f"resume {resume}: neither a checkpoint (no {RUN_FILE}) nor a run folder with one in "
-            f"{CHECKPOINTS}/"
-        )
-    return latest
+        candidates = [resume]
+        if resume.parent.name == CHECKPOINTS and resume.name.startswith(_CHECKPOINT_PREFIX):
+            older = _checkpoints(resume.parent.parent)
+            candidates += [p for p in older if _checkpoint_step(p) < _checkpoint_step(resume)]
+    else:
+        candidates = _checkpoints(resume)
+        if not candidates:
+            raise FileNotFoundError(
+                f"resume {resume}: neither a checkpoint (no {RUN_FILE}) nor a run folder with one in "
+                f"{CHECKPOINTS}/"
+            )
+    damaged: list[str] = []
+    for candidate in candidates:
+        problem = _checkpoint_problem(candidate)
+        if problem is None:
+            if damaged:
+                logger.warning(
+                    "%s: resuming from the previous complete checkpoint %s", "; ".join(damaged), candidate
+                )
+            return candidate
+        damaged.append(f"checkpoint {candidate} is incomplete ({problem})")
+    raise ValueError(
+        f"cannot resume from {resume}: {'; '.join(damaged)}, and no earlier checkpoint is complete: start "
+        "again in a new output folder"
+    )
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (``None`` if it is): ``run.json`` unreadable, a
+    file of another size than written, or a torch archive without its end (a truncated file)."""
+    try:
+        saved = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{RUN_FILE} cannot be read: {error}"
+    if not isinstance(saved, dict) or not _RUN_KEYS <= saved.keys():
+        return f"{RUN_FILE} lacks some of {sorted(_RUN_KEYS)}"
+    for name, size in dict(saved.get("files") or {}).items():
+        path = folder / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            return (
+                f"{name} is missing"
+                if actual is None
+                else f"{name} holds {actual} bytes, {size} were written"
+            )
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".bin", ".pkl", ".pt") and path.is_file() and not zipfile.is_zipfile(path):
+            return f"{path.name} is truncated or damaged (not a whole torch archive)"
+    return None
 
 
 def make_accelerator(recipe: FinetuneRecipe) -> Any:
@@ -749,7 +818,13 @@ class FinetuneRun:
         )
 
     def _restore(self, checkpoint: Path) -> None:
-        self.accelerator.load_state(str(checkpoint))
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError) as error:
+            raise ValueError(
+                f"cannot restore checkpoint {checkpoint} ({type(error).__name__}: {_first_line(error)}): "
+                "resume from an earlier checkpoint, or start again in a new output folder"
+            ) from error
         if self._state.step != self._start:
             raise ValueError(
                 f"checkpoint {checkpoint} restored step {self._state.step}, its {RUN_FILE} says {self._start}"
@@ -784,7 +859,8 @@ class FinetuneRun:
                     self.evaluate()
                 if self.checkpoint_every and state.step % self.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
-                self._write_log(finished=False)
+                with self._writing(LOG_FILE):
+                    self._write_log(finished=False)
         return self.save()
 
     def train_step(self) -> StepRecord:
@@ -857,18 +933,25 @@ class FinetuneRun:
         self._require_setup()
         accelerator, out = self.accelerator, self.output
         folder = out / CHECKPOINTS / f"{_CHECKPOINT_PREFIX}{self._state.step:06d}"
-        accelerator.save_state(str(folder))
+        with self._writing(f"checkpoint {folder.name}", partial=folder):
+            accelerator.save_state(str(folder))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                assert self.packed is not None
+                run = {
+                    "step": self._state.step,
+                    "recipe": self.recipe.to_dict(),
+                    "data_fingerprint": self.packed.fingerprint(),
+                    "processes": self.processes,
+                    "files": {
+                        p.relative_to(folder).as_posix(): p.stat().st_size
+                        for p in folder.rglob("*")
+                        if p.is_file()
+                    },
+                }
+                _write_json(folder / RUN_FILE, run)  # written last: a folder without it is incomplete
         if accelerator.is_main_process:
-            assert self.packed is not None
-            run = {
-                "step": self._state.step,
-                "recipe": self.recipe.to_dict(),
-                "data_fingerprint": self.packed.fingerprint(),
-                "processes": self.processes,
-            }
-            _write_json(folder / RUN_FILE, run)  # written last: a folder without it is incomplete
-            kept = _checkpoints(out)
-            for old in kept[self.keep_checkpoints :]:
+            for old in _checkpoints(out)[self.keep_checkpoints :]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
         return folder
@@ -892,19 +975,26 @@ class FinetuneRun:
         if recipe.gradient_checkpointing:
             _compat.set_activation_checkpointing(final, False)
         final.config.use_cache = True
-        final.save_pretrained(
-            out,
-            is_main_process=accelerator.is_main_process,
-            save_function=accelerator.save,
-            state_dict=state_dict,
-        )
-        if accelerator.is_main_process and self.tokenizer is not None:
-            self.tokenizer.save_pretrained(out)
-        self._write_log(finished=True)
-        if self.plot and accelerator.is_main_process:
-            from .plot import plot_loss
+        partial = out / _PARTIAL_MODEL
+        with self._writing("the final model", partial=partial):
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+            accelerator.wait_for_everyone()
+            final.save_pretrained(
+                partial,
+                is_main_process=accelerator.is_main_process,
+                save_function=accelerator.save,
+                state_dict=state_dict,
+            )
+            if accelerator.is_main_process:
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(partial)
+                _move_into(partial, out)
+            self._write_log(finished=True)
+            if self.plot and accelerator.is_main_process:
+                from .plot import plot_loss
 
-            plot_loss(self._state.log, out / PLOT_FILE, evals=self._state.evals, title=_title(recipe))
+                plot_loss(self._state.log, out / PLOT_FILE, evals=self._state.evals, title=_title(recipe))
         accelerator.wait_for_everyone()
         final.eval()
         self._final = final
@@ -925,6 +1015,27 @@ class FinetuneRun:
             seconds=time.perf_counter() - self._began,
             model=self._final,
         )
+
+    @contextlib.contextmanager
+    def _writing(self, what: str, partial: Path | None = None) -> Iterator[None]:
+        """A failed write (a full disk: ``torch.save`` raises ``RuntimeError``, not ``OSError``)
+        becomes one ``OSError`` that says what survives; ``partial`` is removed."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            if partial is not None and self.accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            kept = _checkpoints(self.output)
+            survives = (
+                f"the last complete checkpoint {kept[0]} survives: rerun with --resume {self.output} "
+                f"(resume={str(self.output)!r}) to continue exactly from step {_checkpoint_step(kept[0])}"
+                if kept
+                else "no checkpoint is complete yet: free some space and start again"
+            )
+            raise OSError(
+                f"cannot write {what} in {self.output} ({type(error).__name__}: {_first_line(error)}; is the "
+                f"disk full?); {survives}"
+            ) from error
 
     def _require_setup(self) -> None:
         if self._model is None:
@@ -948,6 +1059,18 @@ class FinetuneRun:
         payload = {**header, "finished": finished, **self._state.state_dict()}
         payload["seconds"] = result.seconds
         _write_json(self.output / LOG_FILE, payload)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _move_into(partial: Path, out: Path) -> None:
+    """Move the files saved in ``partial`` into ``out``, ``config.json`` last (each move is atomic:
+    a killed save leaves whole files, and no config.json until the weights are in place)."""
+    for name in sorted(os.listdir(partial), key=lambda name: name == "config.json"):
+        os.replace(partial / name, out / name)
+    partial.rmdir()
 
 
 def _check_run_arguments(
