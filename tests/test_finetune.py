@@ -748,6 +748,14 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(yarn_rope.loading, "from_pretrained", no_loading)
 
 
+def command(tiny, *flags):
+    """``yarn-rope finetune`` of the tiny model on TEXTS[0], 64-token sequences, no evaluation."""
+    return [
+        "finetune", "--model", str(tiny), "--data", str(TEXTS[0]), "--factor", "2", "--seq-len", "64",
+        "--gradient-accumulation", "1", "--eval-every", "0", "--no-plot", "--no-progress", *flags,
+    ]  # fmt: skip
+
+
 def run_quick(tiny, output, **options):
     """finetune() of the tiny model on TEXTS[0] with quick() settings; recipe changes in ``recipe``."""
     model, tokenizer = load(tiny)
@@ -881,11 +889,7 @@ class TestReliability:
                 )
             return real(obj, f, *args, **kwargs)
 
-        base = [
-            "finetune", "--model", str(tiny), "--data", str(TEXTS[0]), "--factor", "2", "--seq-len", "64",
-            "--steps", "3", "--gradient-accumulation", "1", "--lr", "3e-3", "--warmup-steps", "1",
-            "--eval-every", "0", "--no-plot", "--checkpoint-every", "1", "--no-progress",
-        ]  # fmt: skip
+        base = command(tiny, "--steps", "3", "--lr", "3e-3", "--warmup-steps", "1", "--checkpoint-every", "1")
         assert cli.main([*base, "--output", str(tmp_path / "whole")]) == 0
         monkeypatch.setattr(torch, "save", full_disk)
         out = tmp_path / "o"
@@ -903,11 +907,7 @@ class TestReliability:
     def test_resume_refusals_and_a_read_only_output_come_before_loading(
         self, tiny, tmp_path, capsys, monkeypatch
     ):
-        base = [
-            "finetune", "--model", str(tiny), "--data", str(TEXTS[0]), "--factor", "2", "--seq-len", "64",
-            "--steps", "2", "--gradient-accumulation", "1", "--eval-every", "0", "--no-plot",
-            "--checkpoint-every", "1", "--no-progress",
-        ]  # fmt: skip
+        base = command(tiny, "--steps", "2", "--checkpoint-every", "1")
         run = str(tmp_path / "run")
         assert cli.main([*base, "--output", run]) == 0
         capsys.readouterr()
