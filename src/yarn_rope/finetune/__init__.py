@@ -17,7 +17,7 @@ GPUs (``examples/accelerate/`` holds FSDP and DeepSpeed ZeRO-3 configurations).
 (``finetune.py`` of github.com/jquesnelle/yarn, commit 995db5b) is an accelerate loop, so this is
 the closest match: the same engine for 1 CPU process, DDP, FSDP and DeepSpeed, with the same
 ``accelerate launch`` configurations, and every choice that decides the numbers is visible in
-one loop (:func:`.trainer.finetune`): which sequences form a step, how the logged loss is averaged,
+one loop (:class:`.trainer.FinetuneRun`): which sequences form a step, how the logged loss is averaged,
 when the learning rate moves. That visibility is what the guarantees need: the loss sequence is
 the same for one process accumulating ``2k`` micro-batches and two processes accumulating ``k``
 (tested), and a resumed run repeats an uninterrupted one exactly (tested). ``Trainer`` would
@@ -68,6 +68,7 @@ from .plot import plot_loss
 from .recipe import MIXED_PRECISION, SCHEDULES, TRAINABLE_EXTRAS, FinetuneRecipe
 from .trainer import (
     FinetuneResult,
+    FinetuneRun,
     StepPerplexity,
     StepRecord,
     check_launch,
@@ -84,6 +85,7 @@ __all__ = [
     "TRAINABLE_EXTRAS",
     "FinetuneRecipe",
     "FinetuneResult",
+    "FinetuneRun",
     "PackedData",
     "PackedSequences",
     "StepPerplexity",

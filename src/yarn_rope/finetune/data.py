@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,9 @@ class PackedData:
         bookends: ``(bos, eos)`` token ids put around each text document (``None`` where the
             tokenizer has none, or for pre-tokenized data).
         source: what was read, for the record.
+        files: local files read (``None`` for other sources).
+        skipped: hidden files and folders (``.git/``, ``.DS_Store``) in the folders read, which
+            are not training text and were skipped.
     """
 
     sequences: torch.Tensor
@@ -91,6 +95,8 @@ class PackedData:
     complete: bool
     bookends: tuple[int | None, int | None]
     source: str
+    files: int | None = None
+    skipped: tuple[str, ...] = ()
 
     @property
     def seq_len(self) -> int:
@@ -112,6 +118,8 @@ class PackedData:
             "complete": self.complete,
             "bos_token_id": self.bookends[0],
             "eos_token_id": self.bookends[1],
+            "files": self.files,
+            "skipped_hidden": list(self.skipped),
             "fingerprint": self.fingerprint(),
         }
 
@@ -158,14 +166,38 @@ def hub_name(source: Any) -> str | None:
     return source
 
 
-def _files(paths: Sequence[Path]) -> list[Path]:
+def _files(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """The files to read (folders recursively, sorted) and the hidden entries skipped in folders
+    (``.git/``: a folder's whole tree; relative to the folder given)."""
     files: list[Path] = []
+    skipped: list[str] = []
     for path in paths:
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
-        else:
+        if not path.is_dir():
             files.append(path)
-    return files
+            continue
+        found: list[Path] = []
+        for folder, subfolders, names in os.walk(path):
+            here = Path(folder)
+            hidden = sorted(name for name in subfolders if name.startswith("."))
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+            skipped += [f"{(here / name).relative_to(path).as_posix()}/" for name in hidden]
+            for name in names:
+                if name.startswith("."):
+                    skipped.append((here / name).relative_to(path).as_posix())
+                elif (here / name).is_file():
+                    found.append(here / name)
+        files.extend(sorted(found))
+    return files, sorted(skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opened:
+    """What :func:`load_documents` opened, and where from (for messages and the record)."""
+
+    dataset: Any
+    kind: str
+    files: list[Path] | None = None
+    skipped: tuple[str, ...] = ()
 
 
 def load_documents(
@@ -195,7 +227,14 @@ def load_documents(
         ValueError: files of mixed kinds, a dataset with neither column, an unreachable Hub name.
         ImportError: ``datasets`` is not installed.
     """
+    opened = _open(source, text_column=text_column, split=split)
+    return opened.dataset, opened.kind
+
+
+def _open(source: Any, *, text_column: str, split: str) -> _Opened:
     datasets = _needs_datasets()
+    files: list[Path] | None = None
+    skipped: list[str] = []
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         dataset = source
     else:
@@ -216,12 +255,12 @@ def load_documents(
                     raise ValueError(f"{paths[0]} holds splits {list(dataset)}, not {split!r}")
                 dataset = dataset[split]
         else:
-            dataset = _from_files(datasets, _files(paths))
+            files, skipped = _files(paths)
+            dataset = _from_files(datasets, files)
     columns = list(dataset.column_names or [])
-    if "input_ids" in columns:
-        return dataset, "tokens"
-    if text_column in columns:
-        return dataset, "text"
+    for kind, column in (("tokens", "input_ids"), ("text", text_column)):
+        if column in columns:
+            return _Opened(dataset, kind, files, tuple(skipped))
     raise ValueError(
         f"the training data has columns {columns}: it needs a {text_column!r} column (text) or an "
         "'input_ids' column (pre-tokenized); name the text column with text_column= / --text-column"
@@ -263,13 +302,16 @@ def _from_hub(datasets: Any, name: str, split: str) -> Any:
 
 
 def _document_ids(
-    dataset: Any, kind: str, tokenizer: Any | None, text_column: str, bookends: tuple[int | None, int | None]
-) -> Iterator[list[int]]:
+    opened: _Opened,
+    tokenizer: Any | None,
+    text_column: str,
+    bookends: tuple[int | None, int | None],
+    vocab_size: int | None,
+) -> Iterator[Sequence[int] | torch.Tensor]:
     bos, eos = bookends
-    for row in dataset:
-        if kind == "tokens":
-            ids = row["input_ids"]
-            yield [int(token) for token in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+    for index, row in enumerate(opened.dataset):
+        if opened.kind == "tokens":
+            yield _checked_ids(row["input_ids"], functools.partial(_locate, opened.files, index), vocab_size)
             continue
         text = row[text_column]
         if not isinstance(text, str):
@@ -279,8 +321,79 @@ def _document_ids(
         yield ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
 
 
+def _checked_ids(ids: Any, where: Callable[[], str], vocab_size: int | None = None) -> torch.Tensor:
+    """``ids`` as an int64 tensor, refused unless every id is a whole number in ``[0, vocab_size)``
+    (JSON readers turn ``[1, 2.7]`` into floats, which a plain ``int()`` would silently truncate).
+
+    Args:
+        ids: one document's token ids (a list or a tensor).
+        where: names the document in a message (called only on error): ``"FILE line N"``.
+        vocab_size: the model's vocabulary (``None``: check only that ids are whole and >= 0).
+
+    Raises:
+        ValueError: naming ``where``, the position, the value and the vocabulary size.
+    """
+    try:
+        values = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids)
+        if values.is_floating_point() and not isinstance(ids, torch.Tensor):
+            values = torch.as_tensor(ids, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"{where()}: input_ids must be a list of whole numbers (token ids): {error}"
+        ) from None
+    values = values.reshape(-1)
+    if values.dtype == torch.bool or values.is_complex():
+        raise ValueError(f"{where()}: input_ids must be whole numbers (token ids), got {values.dtype}")
+    if values.is_floating_point():
+        fraction = ~torch.isfinite(values) | (values != values.round())
+        if bool(fraction.any()):
+            position = int(fraction.nonzero()[0])
+            raise ValueError(
+                f"{where()}: input_ids must be whole numbers (token ids); position {position} holds "
+                f"{float(values[position])!r}: tokenize the data again"
+            )
+    outside = values < 0 if vocab_size is None else (values < 0) | (values >= vocab_size)
+    if bool(outside.any()):
+        position = int(outside.nonzero()[0])
+        limit = (
+            f"the model's vocabulary of {vocab_size} (ids 0-{vocab_size - 1})" if vocab_size else "ids >= 0"
+        )
+        raise ValueError(
+            f"{where()}: token id {int(values[position])} at position {position} is outside {limit}: the "
+            "data were tokenized for another model, or are damaged"
+        )
+    return values.to(torch.long)
+
+
+def _token_row(index: int) -> str:
+    return f"row {index + 1} of the token ids"
+
+
+def _locate(files: list[Path] | None, index: int) -> str:
+    """``"FILE line N"`` (JSON lines) or ``"FILE row N"`` (parquet) of the dataset's row ``index``,
+    else ``"row N of the training data"``."""
+    for path in files or []:
+        if path.suffix.lower() in (".jsonl", ".json"):
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                rows = (number for number, line in enumerate(handle, 1) if line.strip())
+                for number in rows:
+                    if index == 0:
+                        return f"{path} line {number}"
+                    index -= 1
+        elif path.suffix.lower() == ".parquet" and importlib.util.find_spec("pyarrow") is not None:
+            import pyarrow.parquet  # type: ignore[import-untyped]
+
+            count = int(pyarrow.parquet.read_metadata(path).num_rows)
+            if index < count:
+                return f"{path} row {index + 1}"
+            index -= count
+        else:
+            break
+    return f"row {index + 1} of the training data"
+
+
 def pack_documents(
-    documents: Iterable[Sequence[int]],
+    documents: Iterable[Sequence[int] | torch.Tensor],
     *,
     seq_len: int,
     max_sequences: int | None = None,
@@ -317,7 +430,11 @@ def pack_documents(
     complete = True
     iterator = iter(documents)
     for ids in iterator:
-        chunks.append(torch.as_tensor(list(ids), dtype=torch.long))
+        chunks.append(
+            ids.to(torch.long)
+            if isinstance(ids, torch.Tensor)
+            else torch.as_tensor(list(ids), dtype=torch.long)
+        )
         total += chunks[-1].numel()
         count += 1
         if need is not None and total >= need:
@@ -358,6 +475,7 @@ def prepare_data(
     text_column: str = "text",
     split: str = "train",
     progress: bool | None = None,
+    vocab_size: int | None = None,
 ) -> PackedData:
     """Read ``source`` and pack it into ``seq_len``-token sequences (see the module docstring).
 
@@ -373,12 +491,15 @@ def prepare_data(
         text_column: the text column of tabular data.
         split: Hub / saved-dataset split.
         progress: a bar over documents (``None``: on a terminal only).
+        vocab_size: the model's vocabulary: pre-tokenized ids outside ``[0, vocab_size)`` are
+            refused (``None``: only negative ids).
 
     Returns:
         :class:`PackedData`.
 
     Raises:
-        ValueError: too little data for one sequence (plus ``held_out``); see
+        ValueError: too little data for one sequence (plus ``held_out``); pre-tokenized ids that
+            are not whole numbers or not in the vocabulary (naming the file and line); see
             :func:`load_documents` for the rest.
         TypeError: text data without a tokenizer.
     """
@@ -390,31 +511,38 @@ def prepare_data(
             if not isinstance(source, torch.Tensor)
             else list(source.reshape(source.shape[0], -1))
         )
-        documents: Iterable[Sequence[int]] = (
-            row.tolist() if isinstance(row, torch.Tensor) else [int(t) for t in row] for row in rows
+        documents = (
+            _checked_ids(row, functools.partial(_token_row, index), vocab_size)
+            for index, row in enumerate(rows)
         )
         return pack_documents(
             documents, seq_len=seq_len, max_sequences=max_sequences, held_out=held_out, source="token ids"
         )
     with _datasets_bars(progress):
-        dataset, kind = load_documents(source, text_column=text_column, split=split)
+        opened = _open(source, text_column=text_column, split=split)
+    if opened.files is not None:
+        logger.info(
+            "read %d file(s)%s",
+            len(opened.files),
+            f"; skipped hidden: {', '.join(opened.skipped)}" if opened.skipped else "",
+        )
     bookends: tuple[int | None, int | None] = (None, None)
-    if kind == "text":
+    if opened.kind == "text":
         if tokenizer is None:
             raise TypeError("the training data is text: pass tokenizer= to tokenize it")
         bookends = (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None))
         if bookends == (None, None):
             logger.warning("the tokenizer has neither a BOS nor an EOS token: documents are packed unmarked")
     description = _describe(source)
-    total = len(dataset) if hasattr(dataset, "__len__") else None
+    total = len(opened.dataset) if hasattr(opened.dataset, "__len__") else None
     with progress_bar(total, desc="packing", unit="doc", enabled=progress) as bar:
 
-        def counted() -> Iterator[list[int]]:
-            for ids in _document_ids(dataset, kind, tokenizer, text_column, bookends):
+        def counted() -> Iterator[Sequence[int] | torch.Tensor]:
+            for ids in _document_ids(opened, tokenizer, text_column, bookends, vocab_size):
                 bar.update(1)
                 yield ids
 
-        return pack_documents(
+        packed = pack_documents(
             counted(),
             seq_len=seq_len,
             max_sequences=max_sequences,
@@ -422,6 +550,8 @@ def prepare_data(
             bookends=bookends,
             source=description,
         )
+    files = None if opened.files is None else len(opened.files)
+    return dataclasses.replace(packed, files=files, skipped=opened.skipped)
 
 
 @contextlib.contextmanager

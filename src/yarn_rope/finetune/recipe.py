@@ -102,6 +102,11 @@ class FinetuneRecipe:
     lora_train: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_scaling()
+        self._check_optimization()
+        self._check_lora()
+
+    def _check_scaling(self) -> None:
         if not isinstance(self.method, str):
             raise TypeError(f"method must be a method name, got {self.method!r}")
         factor = 1.0 if self.method == "none" else _number("factor", self.factor)
@@ -127,6 +132,9 @@ class FinetuneRecipe:
             set_("seq_len", _whole("seq_len", self.seq_len, minimum=2))
             if original is not None:
                 self._check_seq_len(original)
+
+    def _check_optimization(self) -> None:
+        set_ = self._set
         set_("steps", _whole("steps", self.steps, minimum=1))
         set_("learning_rate", _positive("learning_rate", self.learning_rate))
         set_("warmup_steps", _whole("warmup_steps", self.warmup_steps, minimum=0))
@@ -153,6 +161,9 @@ class FinetuneRecipe:
             raise ValueError(
                 f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
             )
+
+    def _check_lora(self) -> None:
+        set_ = self._set
         set_("lora_rank", _whole("lora_rank", self.lora_rank, minimum=1))
         set_("lora_alpha", _whole("lora_alpha", self.lora_alpha, minimum=1))
         dropout = _number("lora_dropout", self.lora_dropout)

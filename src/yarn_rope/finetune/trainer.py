@@ -32,14 +32,18 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +53,12 @@ from .. import _compat
 from .._files import write_text
 from .._progress import progress_bar
 from ..config import RopeScaling
-from .data import PackedData, PackedSequences, prepare_data
+from .data import PackedData, PackedSequences, _checked_ids, prepare_data
 from .recipe import FinetuneRecipe
 
 __all__ = [
     "FinetuneResult",
+    "FinetuneRun",
     "StepPerplexity",
     "StepRecord",
     "check_launch",
@@ -70,6 +75,9 @@ LOG_FILE = "finetune.json"
 PLOT_FILE = "loss.png"
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
+# The final model is written here, inside OUTPUT, then its files are moved into OUTPUT (config.json last).
+_PARTIAL_MODEL = ".model.partial"
+_RUN_KEYS = frozenset({"step", "recipe", "data_fingerprint", "processes"})
 _PLOT_EXTRA = "pip install 'yarn-rope[plot]'"
 _FINETUNE_EXTRA = "pip install 'yarn-rope[finetune]'"
 # Recipe fields that may differ on resume (none: every field shapes the trajectory).
@@ -230,11 +238,16 @@ def check_output(output: str | os.PathLike[str], resume: str | os.PathLike[str] 
 
     Raises:
         FileExistsError: ``output`` exists, is not empty, and no ``resume`` was given.
+        PermissionError: ``output`` cannot be written.
         FileNotFoundError: ``resume`` is neither a checkpoint nor a folder holding one.
+        ValueError: every checkpoint there is incomplete (a truncated ``run.json`` or state file).
+            An incomplete newest checkpoint with a complete older one resumes from the older one,
+            with a warning.
     """
     target = Path(output)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"output {target} exists and is a file: choose a new folder")
+    _check_writable(target)
     if resume is None:
         if target.is_dir() and any(target.iterdir()):
             raise FileExistsError(
@@ -247,23 +260,91 @@ def check_output(output: str | os.PathLike[str], resume: str | os.PathLike[str] 
 
 def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
     """The newest ``checkpoints/step_N`` in a run's output folder (``None`` if there is none)."""
-    root = Path(folder) / CHECKPOINTS
+    found = _checkpoints(Path(folder))
+    return found[0] if found else None
+
+
+def _checkpoint_step(folder: Path) -> int:
+    return int(folder.name.removeprefix(_CHECKPOINT_PREFIX))
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints of a run folder that have their ``run.json``, newest first."""
+    root = folder / CHECKPOINTS
     found = (
         [p for p in root.glob(f"{_CHECKPOINT_PREFIX}*") if (p / RUN_FILE).is_file()] if root.is_dir() else []
     )
-    return max(found, key=lambda p: int(p.name.removeprefix(_CHECKPOINT_PREFIX)), default=None)
+    return sorted(found, key=_checkpoint_step, reverse=True)
+
+
+def _check_writable(target: Path) -> None:
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileExistsError(f"output {target}: {existing} is a file, not a folder: choose another output")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".yarn-rope-write-test.", dir=existing))
+    except OSError as error:
+        raise PermissionError(
+            f"cannot write {target}: {existing} is not writable ({error.strerror or error}): choose another "
+            "output folder"
+        ) from None
 
 
 def _checkpoint_of(resume: Path) -> Path:
+    """The checkpoint to resume from: ``resume`` itself or a run folder's newest, else the newest
+    complete one before it (with a warning naming what is incomplete)."""
     if (resume / RUN_FILE).is_file():
-        return resume
-    latest = latest_checkpoint(resume)
-    if latest is None:
-        raise FileNotFoundError(
-            f"resume {resume}: neither a checkpoint (no {RUN_FILE}) nor a run folder with one in "
-            f"{CHECKPOINTS}/"
-        )
-    return latest
+        candidates = [resume]
+        if resume.parent.name == CHECKPOINTS and resume.name.startswith(_CHECKPOINT_PREFIX):
+            older = _checkpoints(resume.parent.parent)
+            candidates += [p for p in older if _checkpoint_step(p) < _checkpoint_step(resume)]
+    else:
+        candidates = _checkpoints(resume)
+        if not candidates:
+            raise FileNotFoundError(
+                f"resume {resume}: neither a checkpoint (no {RUN_FILE}) nor a run folder with one in "
+                f"{CHECKPOINTS}/"
+            )
+    damaged: list[str] = []
+    for candidate in candidates:
+        problem = _checkpoint_problem(candidate)
+        if problem is None:
+            if damaged:
+                logger.warning(
+                    "%s: resuming from the previous complete checkpoint %s", "; ".join(damaged), candidate
+                )
+            return candidate
+        damaged.append(f"checkpoint {candidate} is incomplete ({problem})")
+    raise ValueError(
+        f"cannot resume from {resume}: {'; '.join(damaged)}, and no earlier checkpoint is complete: start "
+        "again in a new output folder"
+    )
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (``None`` if it is): ``run.json`` unreadable, a
+    file of another size than written, or a torch archive without its end (a truncated file)."""
+    try:
+        saved = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{RUN_FILE} cannot be read: {error}"
+    if not isinstance(saved, dict) or not _RUN_KEYS <= saved.keys():
+        return f"{RUN_FILE} lacks some of {sorted(_RUN_KEYS)}"
+    for name, size in dict(saved.get("files") or {}).items():
+        path = folder / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            return (
+                f"{name} is missing"
+                if actual is None
+                else f"{name} holds {actual} bytes, {size} were written"
+            )
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".bin", ".pkl", ".pt") and path.is_file() and not zipfile.is_zipfile(path):
+            return f"{path.name} is truncated or damaged (not a whole torch archive)"
+    return None
 
 
 def make_accelerator(recipe: FinetuneRecipe) -> Any:
@@ -458,6 +539,598 @@ def _evaluate(
     )
 
 
+class FinetuneRun:
+    """A fine-tuning run in stages, as torchtune's recipes (``setup`` -> ``train`` ->
+    ``save_checkpoint``) and litgpt's ``setup -> main -> fit`` are staged.
+
+    :func:`finetune` calls the stages in order; the command line calls them one by one, so that
+    every mistake is reported before the model is loaded::
+
+        run = FinetuneRun(output, recipe=recipe, tokenizer=tokenizer)  # checks that load nothing
+        run.resolve(config)            # the recipe against the model's context (config or model)
+        run.prepare_data("books/")     # pack, check the ids and the resume point
+        run.setup(model)               # patch, LoRA, optimizer, schedule, loader, restore
+        result = run.train()           # train_step / evaluate / save_checkpoint ..., then save
+
+    Nothing is written before :meth:`setup`; every check (recipe, output folder, resume point,
+    sequence length, data) runs before it. The arguments are :func:`finetune`'s.
+
+    Attributes:
+        output: the output folder.
+        recipe: the recipe (resolved after :meth:`resolve`).
+        accelerator: the ``accelerate.Accelerator`` trained with.
+        checkpoint: the checkpoint resumed from (``None`` for a new run).
+        packed: the training data (after :meth:`prepare_data`).
+        lengths: evaluation lengths (after :meth:`resolve`).
+        step: optimizer steps done.
+    """
+
+    def __init__(
+        self,
+        output: str | os.PathLike[str],
+        *,
+        recipe: FinetuneRecipe | None = None,
+        tokenizer: Any | None = None,
+        accelerator: Any | None = None,
+        resume: str | os.PathLike[str] | None = None,
+        checkpoint_every: int | None = None,
+        keep_checkpoints: int = 1,
+        eval_every: int | None = None,
+        eval_lengths: Sequence[int] | None = None,
+        eval_data: Sequence[torch.Tensor] | None = None,
+        plot: bool = True,
+        progress: bool | None = None,
+    ) -> None:
+        self._began = time.perf_counter()
+        recipe = FinetuneRecipe() if recipe is None else recipe
+        if not isinstance(recipe, FinetuneRecipe):
+            raise TypeError(f"recipe must be a FinetuneRecipe, got {type(recipe).__name__}")
+        self.recipe = recipe
+        self.output = Path(output)
+        self.checkpoint = check_output(output, resume)
+        _check_run_arguments(plot, eval_lengths, eval_every, checkpoint_every, keep_checkpoints)
+        every = max(1, recipe.steps // 4)
+        self.eval_every = every if eval_every is None else eval_every
+        self.checkpoint_every = every if checkpoint_every is None else checkpoint_every
+        self.keep_checkpoints = keep_checkpoints
+        self.plot, self.progress, self.tokenizer = plot, progress, tokenizer
+        self._eval_lengths = None if eval_lengths is None else sorted({int(n) for n in eval_lengths})
+        self._eval_data = None if eval_data is None else list(eval_data)
+        self.accelerator = _accelerator_for(recipe, accelerator)
+        if self.eval_every and _is_sharded(self.accelerator):
+            # perplexity() runs the decoder and the output head separately, which sharded engines only
+            # allow through the whole model's forward; not verified here (no GPU): evaluate afterwards.
+            logger.warning(
+                "periodic evaluation is off under %s: evaluate the saved model after training",
+                self.accelerator.distributed_type,
+            )
+            self.eval_every = 0
+        self.processes: int = self.accelerator.num_processes
+        self.lengths: list[int] = []
+        self.packed: PackedData | None = None
+        self.vocab_size: int | None = None
+        self._start = 0
+        self._state = _LoopState()
+        self._resolved = False
+        self.scaling: RopeScaling | None = None
+        self._model: Any = None
+        self._final: Any = None
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (restored ones included)."""
+        return self._state.step
+
+    # --- stage 1: before the model is loaded --------------------------------------------------
+
+    def resolve(self, model_or_config: Any) -> FinetuneRecipe:
+        """Fill in the recipe's original and sequence lengths from what the model declares.
+
+        Args:
+            model_or_config: the model, or its transformers config (enough: the command line
+                resolves before it loads the weights).
+
+        Returns:
+            the resolved recipe (also :attr:`recipe`).
+
+        Raises:
+            ValueError: ``seq_len`` beyond the scaled context, or beyond the model's context with
+                method ``none``.
+        """
+        recipe = self.recipe.resolve(original_context(model_or_config))
+        seq_len, original = recipe.seq_len, recipe.original_max_position_embeddings
+        assert seq_len is not None and original is not None
+        if recipe.method == "none" and seq_len > original:
+            raise ValueError(
+                f"seq_len={seq_len} is beyond the model's context {original} and method 'none' scales "
+                "nothing: choose a method and factor, or shorten seq_len"
+            )
+        self.recipe = recipe
+        self.lengths = [seq_len] if self._eval_lengths is None else self._eval_lengths
+        self.vocab_size = _vocabulary(model_or_config)
+        self._resolved = True
+        return recipe
+
+    def prepare_data(
+        self, data: PackedData | Any, *, text_column: str = "text", split: str = "train"
+    ) -> PackedData:
+        """Pack the training data (after :meth:`resolve`) and check it, and the resume point, against
+        the run.
+
+        Args:
+            data: :class:`PackedData`, or anything :func:`~yarn_rope.finetune.prepare_data` reads.
+            text_column: the text column of tabular data.
+            split: the split of a Hub or saved dataset.
+
+        Returns:
+            the packed data (also :attr:`packed`).
+
+        Raises:
+            ValueError: too little data, sequences of another length, too few held-out tokens, a
+                resume whose recipe, data or process count differ.
+        """
+        if not self._resolved:
+            raise RuntimeError("resolve() the recipe against the model (or its config) before prepare_data()")
+        recipe, accelerator = self.recipe, self.accelerator
+        assert recipe.seq_len is not None
+        needed = recipe.steps * recipe.global_batch(self.processes)
+        held_out = max(self.lengths) if self.eval_every and self._eval_data is None else 0
+        with accelerator.main_process_first():
+            packed = (
+                data
+                if isinstance(data, PackedData)
+                else prepare_data(
+                    data,
+                    self.tokenizer,
+                    seq_len=recipe.seq_len,
+                    max_sequences=needed,
+                    held_out=held_out,
+                    text_column=text_column,
+                    split=split,
+                    progress=self.progress if accelerator.is_main_process else False,
+                    vocab_size=self.vocab_size,
+                )
+            )
+        self._check_data(packed, needed)
+        if self.checkpoint is not None:
+            self._start = _compare_run(self.checkpoint, recipe, packed.fingerprint(), self.processes)
+        self.packed = packed
+        return packed
+
+    def _check_data(self, packed: PackedData, needed: int) -> None:
+        recipe = self.recipe
+        if packed.seq_len != recipe.seq_len:
+            raise ValueError(
+                f"the packed data have sequences of {packed.seq_len} tokens, the recipe {recipe.seq_len}"
+            )
+        if self.eval_every and self._eval_data is None and packed.held_out.numel() < max(self.lengths):
+            raise ValueError(
+                f"evaluating at {max(self.lengths)} tokens needs that many held-out tokens; the packed data "
+                f"hold {packed.held_out.numel()}: pack with held_out={max(self.lengths)}, pass eval_data, "
+                "or eval_every=0"
+            )
+        for name, ids in (("sequences", packed.sequences), ("held-out tokens", packed.held_out)):
+            _checked_ids(
+                ids, functools.partial(str, f"the {name} packed from {packed.source}"), self.vocab_size
+            )
+        count = int(packed.sequences.shape[0])
+        if count < needed:
+            logger.warning(
+                "the data hold %d sequences of %d tokens; %d steps of %d need %d: sequences repeat "
+                "(%.1f epochs)",
+                count,
+                recipe.seq_len,
+                recipe.steps,
+                recipe.global_batch(self.processes),
+                needed,
+                needed / count,
+            )
+
+    # --- stage 2: the model -------------------------------------------------------------------
+
+    def setup(self, model: Any, data: PackedData | Any | None = None) -> None:
+        """Make the model trainable through the scaling and restore the resume point.
+
+        Resolves the recipe and packs ``data`` first if :meth:`resolve` / :meth:`prepare_data`
+        were not called. Then: seeds, patches the scaling in (replacing any), adds LoRA, builds the
+        optimizer, the schedule and the data loader, prepares them with accelerate, restores the
+        checkpoint, and creates the output folder. From here on the run is committed.
+
+        Args:
+            model: a transformers causal LM (trained in place).
+            data: the training data, if :meth:`prepare_data` was not called.
+
+        Raises:
+            TypeError: ``model`` is not a causal LM; no data.
+            ValueError: see :meth:`resolve` and :meth:`prepare_data`.
+        """
+        if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
+            raise TypeError(f"model must be a transformers causal LM or a path, got {type(model).__name__}")
+        if not self._resolved:
+            self.resolve(model)
+        if self.packed is None:
+            if data is None:
+                raise TypeError("setup() needs the training data: pass data= or call prepare_data() first")
+            self.prepare_data(data)
+        self._setup_model(model)
+        optimizer, self._scheduler = self._setup_optimizer()
+        loader = self._setup_data()
+        self._model, self._optimizer, loader = self.accelerator.prepare(self._trained, optimizer, loader)
+        self.accelerator.register_for_checkpointing(self._scheduler)
+        self.accelerator.register_for_checkpointing(self._state)
+        self._batches = iter(loader)
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+        if self.accelerator.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def _setup_model(self, model: Any) -> None:
+        from accelerate.utils import set_seed
+
+        recipe = self.recipe
+        set_seed(recipe.seed)
+        if recipe.method != "none":
+            from ..patch import patch
+
+            self.scaling = recipe.scaling()
+            patch(model, self.scaling, replace=True)
+        _drop_unpacked_gguf_marker(model)
+        model.config.use_cache = False
+        if recipe.gradient_checkpointing:
+            _compat.set_activation_checkpointing(model, True)
+        self._trained = _add_lora(model, recipe) if recipe.lora else model
+        self._trained.train()
+
+    def _setup_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+        recipe = self.recipe
+        optimizer = torch.optim.AdamW(
+            [p for p in self._trained.parameters() if p.requires_grad],
+            lr=recipe.learning_rate,
+            betas=recipe.adam_betas,
+            eps=recipe.adam_eps,
+            weight_decay=recipe.weight_decay,
+        )
+        scheduler: Any
+        if recipe.schedule == "linear":
+            scheduler = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]
+                optimizer, num_warmup_steps=recipe.warmup_steps, num_training_steps=recipe.steps
+            )
+        else:
+            scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=recipe.warmup_steps)
+        return optimizer, scheduler
+
+    def _setup_data(self) -> torch.utils.data.DataLoader[dict[str, torch.Tensor]]:
+        assert self.packed is not None
+        recipe = self.recipe
+        global_batch = recipe.global_batch(self.processes)
+        count = int(self.packed.sequences.shape[0])
+        order = _data_order(count, recipe.steps * global_batch, recipe.seed)[self._start * global_batch :]
+        # A generator of its own: otherwise starting to iterate draws a seed from the global random
+        # state, which a resumed run has just restored, and every later dropout mask would shift.
+        return torch.utils.data.DataLoader(
+            PackedSequences(self.packed.sequences, order),
+            batch_size=recipe.batch_size,
+            shuffle=False,
+            generator=torch.Generator().manual_seed(recipe.seed),
+        )
+
+    def _restore(self, checkpoint: Path) -> None:
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError) as error:
+            raise ValueError(
+                f"cannot restore checkpoint {checkpoint} ({type(error).__name__}: {_first_line(error)}): "
+                "resume from an earlier checkpoint, or start again in a new output folder"
+            ) from error
+        if self._state.step != self._start:
+            raise ValueError(
+                f"checkpoint {checkpoint} restored step {self._state.step}, its {RUN_FILE} says {self._start}"
+            )
+
+    # --- stage 3: training ----------------------------------------------------------------------
+
+    def train(self) -> FinetuneResult:
+        """Train to ``recipe.steps``: evaluate before the first step (unless a resumed run has),
+        then :meth:`train_step`, :meth:`evaluate` every ``eval_every`` steps and after the last,
+        :meth:`save_checkpoint` every ``checkpoint_every`` steps, and :meth:`save` at the end.
+
+        Returns:
+            :class:`FinetuneResult`.
+
+        Raises:
+            FloatingPointError: a non-finite loss.
+        """
+        self._require_setup()
+        recipe, state = self.recipe, self._state
+        if self.eval_every and not any(record.step == state.step for record in state.evals):
+            self.evaluate()
+        enabled = self.progress if self.accelerator.is_main_process else False
+        with progress_bar(recipe.steps, desc="finetune", unit="step", enabled=enabled) as bar:
+            bar.update(state.step)
+            while state.step < recipe.steps:
+                record = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.learning_rate:.2e}")
+                last = state.step == recipe.steps
+                if self.eval_every and (state.step % self.eval_every == 0 or last):
+                    self.evaluate()
+                if self.checkpoint_every and state.step % self.checkpoint_every == 0 and not last:
+                    self.save_checkpoint()
+                with self._writing(LOG_FILE):
+                    self._write_log(finished=False)
+        return self.save()
+
+    def train_step(self) -> StepRecord:
+        """One optimizer step over the next global batch (``gradient_accumulation`` micro-batches
+        per process); the record is appended to the run's log.
+
+        Raises:
+            FloatingPointError: the loss is not finite.
+        """
+        self._require_setup()
+        accelerator, recipe, state, model = self.accelerator, self.recipe, self._state, self._model
+        began = time.perf_counter()
+        learning_rate = float(self._scheduler.get_last_lr()[0])
+        total = torch.zeros((), device=accelerator.device)
+        grad_norm = torch.full((), math.nan, device=accelerator.device)
+        for _ in range(recipe.gradient_accumulation):
+            batch = next(self._batches)
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                total += loss.detach().float()
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(
+                        model.parameters(), recipe.max_grad_norm if recipe.max_grad_norm else math.inf
+                    )
+                    if norm is not None:  # DeepSpeed clips inside and may not report the norm
+                        grad_norm = torch.as_tensor(norm, dtype=torch.float32, device=accelerator.device)
+                self._optimizer.step()
+                self._optimizer.zero_grad()
+        self._scheduler.step()
+        mean_loss = float(accelerator.reduce(total / recipe.gradient_accumulation, reduction="mean"))
+        state.step += 1
+        assert recipe.seq_len is not None
+        record = StepRecord(
+            step=state.step,
+            loss=mean_loss,
+            learning_rate=learning_rate,
+            grad_norm=None if math.isnan(float(grad_norm)) else float(grad_norm),
+            tokens=state.step * recipe.global_batch(self.processes) * recipe.seq_len,
+            seconds=time.perf_counter() - began,
+        )
+        state.log.append(record)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"the loss is {mean_loss} at step {state.step}: lower the learning rate")
+        return record
+
+    def evaluate(self) -> StepPerplexity:
+        """Perplexity of the model as it is now on the evaluation tokens, at :attr:`lengths`;
+        recorded in the run's log under the current step."""
+        self._require_setup()
+        unwrapped = self.accelerator.unwrap_model(self._model)
+        model = unwrapped.get_base_model() if self.recipe.lora else unwrapped
+        assert self.packed is not None
+        documents = (
+            self._eval_data if self._eval_data is not None else [self.packed.held_out[: max(self.lengths)]]
+        )
+        record = _evaluate(model, documents, self.lengths, self.accelerator, self._state.step)
+        self._state.evals.append(record)
+        return record
+
+    # --- stage 4: saving ------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Save a resumable checkpoint (``OUTPUT/checkpoints/step_N``: accelerate's state, then
+        ``run.json`` last) and delete all but the newest ``keep_checkpoints``.
+
+        Returns:
+            the checkpoint folder.
+        """
+        self._require_setup()
+        accelerator, out = self.accelerator, self.output
+        folder = out / CHECKPOINTS / f"{_CHECKPOINT_PREFIX}{self._state.step:06d}"
+        with self._writing(f"checkpoint {folder.name}", partial=folder):
+            accelerator.save_state(str(folder))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                assert self.packed is not None
+                run = {
+                    "step": self._state.step,
+                    "recipe": self.recipe.to_dict(),
+                    "data_fingerprint": self.packed.fingerprint(),
+                    "processes": self.processes,
+                    "files": {
+                        p.relative_to(folder).as_posix(): p.stat().st_size
+                        for p in folder.rglob("*")
+                        if p.is_file()
+                    },
+                }
+                _write_json(folder / RUN_FILE, run)  # written last: a folder without it is incomplete
+        if accelerator.is_main_process:
+            for old in _checkpoints(out)[self.keep_checkpoints :]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return folder
+
+    def save(self) -> FinetuneResult:
+        """Save the trained model (LoRA merged into it) with the tokenizer, ``finetune.json`` and
+        the plot into the output folder.
+
+        Returns:
+            :class:`FinetuneResult`, its model in eval mode.
+        """
+        self._require_setup()
+        accelerator, recipe, out = self.accelerator, self.recipe, self.output
+        accelerator.wait_for_everyone()
+        final = accelerator.unwrap_model(self._model)
+        if recipe.lora:
+            final = final.merge_and_unload()
+            state_dict = None
+        else:
+            state_dict = accelerator.get_state_dict(self._model)
+        if recipe.gradient_checkpointing:
+            _compat.set_activation_checkpointing(final, False)
+        final.config.use_cache = True
+        partial = out / _PARTIAL_MODEL
+        with self._writing("the final model", partial=partial):
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+            accelerator.wait_for_everyone()
+            final.save_pretrained(
+                partial,
+                is_main_process=accelerator.is_main_process,
+                save_function=accelerator.save,
+                state_dict=state_dict,
+            )
+            if accelerator.is_main_process:
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(partial)
+                _move_into(partial, out)
+            self._write_log(finished=True)
+            if self.plot and accelerator.is_main_process:
+                from .plot import plot_loss
+
+                plot_loss(self._state.log, out / PLOT_FILE, evals=self._state.evals, title=_title(recipe))
+        accelerator.wait_for_everyone()
+        final.eval()
+        self._final = final
+        return self.result()
+
+    def result(self) -> FinetuneResult:
+        """What the run has done so far (its model: the saved one after :meth:`save`)."""
+        assert self.packed is not None
+        return FinetuneResult(
+            output=str(self.output),
+            recipe=self.recipe,
+            scaling=None if self.scaling is None else self.scaling.to_dict(),
+            processes=self.processes,
+            log=tuple(self._state.log),
+            evals=tuple(self._state.evals),
+            data=self.packed.to_dict(),
+            resumed_from=self._start if self.checkpoint is not None else None,
+            seconds=time.perf_counter() - self._began,
+            model=self._final,
+        )
+
+    @contextlib.contextmanager
+    def _writing(self, what: str, partial: Path | None = None) -> Iterator[None]:
+        """A failed write (a full disk: ``torch.save`` raises ``RuntimeError``, not ``OSError``)
+        becomes one ``OSError`` that says what survives; ``partial`` is removed."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            if partial is not None and self.accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            kept = _checkpoints(self.output)
+            survives = (
+                f"the last complete checkpoint {kept[0]} survives: rerun with --resume {self.output} "
+                f"(resume={str(self.output)!r}) to continue exactly from step {_checkpoint_step(kept[0])}"
+                if kept
+                else "no checkpoint is complete yet: free some space and start again"
+            )
+            raise OSError(
+                f"cannot write {what} in {self.output} ({type(error).__name__}: {_first_line(error)}; is the "
+                f"disk full?); {survives}"
+            ) from error
+
+    def _require_setup(self) -> None:
+        if self._model is None:
+            raise RuntimeError("call setup(model) before training, evaluating or saving")
+
+    def _write_log(self, finished: bool) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        result = self.result()
+        header = {
+            "recipe": self.recipe.to_dict(),
+            "scaling": result.scaling,
+            "processes": self.processes,
+            "distributed_type": str(self.accelerator.distributed_type),
+            "mixed_precision": self.accelerator.mixed_precision,
+            "global_batch": self.recipe.global_batch(self.processes),
+            "data": result.data,
+            "eval_lengths": self.lengths,
+            "resumed_from": result.resumed_from,
+        }
+        payload = {**header, "finished": finished, **self._state.state_dict()}
+        payload["seconds"] = result.seconds
+        _write_json(self.output / LOG_FILE, payload)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _move_into(partial: Path, out: Path) -> None:
+    """Move the files saved in ``partial`` into ``out``, ``config.json`` last (each move is atomic:
+    a killed save leaves whole files, and no config.json until the weights are in place)."""
+    for name in sorted(os.listdir(partial), key=lambda name: name == "config.json"):
+        os.replace(partial / name, out / name)
+    partial.rmdir()
+
+
+def _check_run_arguments(
+    plot: bool,
+    eval_lengths: Sequence[int] | None,
+    eval_every: int | None,
+    checkpoint_every: int | None,
+    keep_checkpoints: int,
+) -> None:
+    import importlib.util
+
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise ImportError(f"plot=True needs matplotlib: {_PLOT_EXTRA} (or pass plot=False / --no-plot)")
+    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a whole number >= 0 (0: never) or None, got {value!r}")
+    if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints must be a whole number >= 1, got {keep_checkpoints!r}")
+    if eval_lengths is not None and any(int(n) < 2 for n in eval_lengths):
+        raise ValueError(f"eval_lengths must be whole numbers >= 2, got {eval_lengths!r}")
+
+
+def _accelerator_for(recipe: FinetuneRecipe, accelerator: Any | None) -> Any:
+    """:func:`make_accelerator`'s, or the given one checked against the recipe."""
+    if accelerator is None:
+        accelerator = make_accelerator(recipe)
+    else:
+        check_launch(accelerator)
+        if accelerator.gradient_accumulation_steps != recipe.gradient_accumulation:
+            raise ValueError(
+                f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, the "
+                f"recipe {recipe.gradient_accumulation}: build it with make_accelerator(recipe)"
+            )
+    if recipe.lora and _is_sharded(accelerator):
+        raise ValueError(
+            "LoRA with FSDP/DeepSpeed is not supported by this loop (the merged model is saved from one "
+            "process): train LoRA data parallel, or train all weights under FSDP/DeepSpeed"
+        )
+    return accelerator
+
+
+def _is_sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _vocabulary(model_or_config: Any) -> int | None:
+    """The number of token ids the model embeds (``None`` if it does not say)."""
+    embeddings = getattr(model_or_config, "get_input_embeddings", None)
+    if callable(embeddings):
+        module = embeddings()
+        if isinstance(getattr(module, "num_embeddings", None), int):
+            return int(module.num_embeddings)
+    config = getattr(model_or_config, "config", model_or_config)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(config, "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
 def finetune(
     model: Any,
     data: PackedData | Any,
@@ -527,292 +1200,30 @@ def finetune(
         FileNotFoundError: ``resume`` holds no checkpoint; missing data files.
         ImportError: ``datasets``/``peft``/``matplotlib`` needed and missing (names the extra).
     """
-    import importlib.util
-
-    from accelerate.utils import DistributedType, set_seed
-
-    began = time.perf_counter()
-    recipe = FinetuneRecipe() if recipe is None else recipe
-    if not isinstance(recipe, FinetuneRecipe):
-        raise TypeError(f"recipe must be a FinetuneRecipe, got {type(recipe).__name__}")
-    checkpoint = check_output(output, resume)
-    if plot and importlib.util.find_spec("matplotlib") is None:
-        raise ImportError(f"plot=True needs matplotlib: {_PLOT_EXTRA} (or pass plot=False / --no-plot)")
-    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be a whole number >= 0 (0: never) or None, got {value!r}")
-    if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
-        raise ValueError(f"keep_checkpoints must be a whole number >= 1, got {keep_checkpoints!r}")
-
+    run = FinetuneRun(
+        output,
+        recipe=recipe,
+        tokenizer=tokenizer,
+        resume=resume,
+        eval_lengths=eval_lengths,
+        eval_every=eval_every,
+        eval_data=eval_data,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        plot=plot,
+        accelerator=accelerator,
+        progress=progress,
+    )
     if isinstance(model, (str, os.PathLike)):
         from ..loading import from_pretrained
 
         model = from_pretrained(model, dtype=dtype)
     if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
         raise TypeError(f"model must be a transformers causal LM or a path, got {type(model).__name__}")
-    recipe = recipe.resolve(original_context(model))
-    seq_len = recipe.seq_len
-    assert seq_len is not None and recipe.original_max_position_embeddings is not None
-    if recipe.method == "none" and seq_len > recipe.original_max_position_embeddings:
-        raise ValueError(
-            f"seq_len={seq_len} is beyond the model's context {recipe.original_max_position_embeddings} "
-            "and method 'none' scales nothing: choose a method and factor, or shorten seq_len"
-        )
-    lengths = [seq_len] if eval_lengths is None else sorted({int(n) for n in eval_lengths})
-    if any(n < 2 for n in lengths):
-        raise ValueError(f"eval_lengths must be whole numbers >= 2, got {eval_lengths!r}")
-    every = max(1, recipe.steps // 4)
-    eval_every = every if eval_every is None else eval_every
-    checkpoint_every = every if checkpoint_every is None else checkpoint_every
-
-    if accelerator is None:
-        accelerator = make_accelerator(recipe)
-    else:
-        check_launch(accelerator)
-        if accelerator.gradient_accumulation_steps != recipe.gradient_accumulation:
-            raise ValueError(
-                f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, the "
-                f"recipe {recipe.gradient_accumulation}: build it with make_accelerator(recipe)"
-            )
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if recipe.lora and sharded:
-        raise ValueError(
-            "LoRA with FSDP/DeepSpeed is not supported by this loop (the merged model is saved from one "
-            "process): train LoRA data parallel, or train all weights under FSDP/DeepSpeed"
-        )
-    if sharded and eval_every:
-        # perplexity() runs the decoder and the output head separately, which sharded engines only
-        # allow through the whole model's forward; not verified here (no GPU): evaluate afterwards.
-        logger.warning(
-            "periodic evaluation is off under %s: evaluate the saved model after training",
-            accelerator.distributed_type,
-        )
-        eval_every = 0
-    processes = accelerator.num_processes
-    global_batch = recipe.global_batch(processes)
-    needed = recipe.steps * global_batch
-
-    held_out = max(lengths) if eval_every and eval_data is None else 0
-    with accelerator.main_process_first():
-        packed = (
-            data
-            if isinstance(data, PackedData)
-            else prepare_data(
-                data,
-                tokenizer,
-                seq_len=seq_len,
-                max_sequences=needed,
-                held_out=held_out,
-                text_column=text_column,
-                progress=progress if accelerator.is_main_process else False,
-            )
-        )
-    if packed.seq_len != seq_len:
-        raise ValueError(f"the packed data have sequences of {packed.seq_len} tokens, the recipe {seq_len}")
-    if eval_every and eval_data is None and packed.held_out.numel() < max(lengths):
-        raise ValueError(
-            f"evaluating at {max(lengths)} tokens needs that many held-out tokens; the packed data hold "
-            f"{packed.held_out.numel()}: pack with held_out={max(lengths)}, pass eval_data, or eval_every=0"
-        )
-    documents = list(eval_data) if eval_data is not None else [packed.held_out[: max(lengths)]]
-    count = int(packed.sequences.shape[0])
-    if count < needed:
-        logger.warning(
-            "the data hold %d sequences of %d tokens; %d steps of %d need %d: sequences repeat (%.1f epochs)",
-            count,
-            seq_len,
-            recipe.steps,
-            global_batch,
-            needed,
-            needed / count,
-        )
-    start = 0
-    if checkpoint is not None:
-        start = _compare_run(checkpoint, recipe, packed.fingerprint(), processes)
-
-    # Nothing has been written yet; from here on the run is committed.
-    set_seed(recipe.seed)
-    scaling = None
-    if recipe.method != "none":
-        from ..patch import patch
-
-        scaling = recipe.scaling()
-        patch(model, scaling, replace=True)
-    _drop_unpacked_gguf_marker(model)
-    model.config.use_cache = False
-    if recipe.gradient_checkpointing:
-        _compat.set_activation_checkpointing(model, True)
-    trained = _add_lora(model, recipe) if recipe.lora else model
-    trained.train()
-    parameters = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameters,
-        lr=recipe.learning_rate,
-        betas=recipe.adam_betas,
-        eps=recipe.adam_eps,
-        weight_decay=recipe.weight_decay,
-    )
-    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
-
-    scheduler: Any
-    if recipe.schedule == "linear":
-        scheduler = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]
-            optimizer, num_warmup_steps=recipe.warmup_steps, num_training_steps=recipe.steps
-        )
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=recipe.warmup_steps)
-    order = _data_order(count, needed, recipe.seed)[start * global_batch :]
-    loader = torch.utils.data.DataLoader(
-        PackedSequences(packed.sequences, order), batch_size=recipe.batch_size, shuffle=False
-    )
-    prepared, optimizer, loader = accelerator.prepare(trained, optimizer, loader)
-    state = _LoopState()
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_for_checkpointing(state)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        if state.step != start:
-            raise ValueError(
-                f"checkpoint {checkpoint} restored step {state.step}, its {RUN_FILE} says {start}"
-            )
-
-    out = Path(output)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    header = {
-        "recipe": recipe.to_dict(),
-        "scaling": None if scaling is None else scaling.to_dict(),
-        "processes": processes,
-        "distributed_type": str(accelerator.distributed_type),
-        "mixed_precision": accelerator.mixed_precision,
-        "global_batch": global_batch,
-        "data": packed.to_dict(),
-        "eval_lengths": lengths,
-        "resumed_from": start if checkpoint is not None else None,
-    }
-
-    def evaluation_model() -> Any:
-        unwrapped = accelerator.unwrap_model(prepared)
-        return unwrapped.get_base_model() if recipe.lora else unwrapped
-
-    def write_log(finished: bool) -> None:
-        if accelerator.is_main_process:
-            payload = {**header, "finished": finished, **state.state_dict()}
-            payload["seconds"] = time.perf_counter() - began
-            _write_json(out / LOG_FILE, payload)
-
-    def save_checkpoint() -> None:
-        folder = out / CHECKPOINTS / f"{_CHECKPOINT_PREFIX}{state.step:06d}"
-        accelerator.save_state(str(folder))
-        if accelerator.is_main_process:
-            run = {
-                "step": state.step,
-                "recipe": recipe.to_dict(),
-                "data_fingerprint": packed.fingerprint(),
-                "processes": processes,
-            }
-            _write_json(folder / RUN_FILE, run)  # written last: a folder without it is incomplete
-            kept = sorted(
-                (p for p in (out / CHECKPOINTS).glob(f"{_CHECKPOINT_PREFIX}*") if (p / RUN_FILE).is_file()),
-                key=lambda p: int(p.name.removeprefix(_CHECKPOINT_PREFIX)),
-            )
-            for old in kept[:-keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    if eval_every and not any(record.step == state.step for record in state.evals):
-        state.evals.append(_evaluate(evaluation_model(), documents, lengths, accelerator, state.step))
-    write_log(finished=False)
-
-    tokens_per_step = global_batch * seq_len
-    batches = iter(loader)
-    with progress_bar(
-        recipe.steps, desc="finetune", unit="step", enabled=progress if accelerator.is_main_process else False
-    ) as bar:
-        bar.update(state.step)
-        while state.step < recipe.steps:
-            step_began = time.perf_counter()
-            learning_rate = float(scheduler.get_last_lr()[0])
-            total = torch.zeros((), device=accelerator.device)
-            grad_norm = torch.full((), math.nan, device=accelerator.device)
-            for _ in range(recipe.gradient_accumulation):
-                batch = next(batches)
-                with accelerator.accumulate(prepared):
-                    loss = prepared(**batch).loss
-                    accelerator.backward(loss)
-                    total += loss.detach().float()
-                    if accelerator.sync_gradients:
-                        norm = accelerator.clip_grad_norm_(
-                            prepared.parameters(), recipe.max_grad_norm if recipe.max_grad_norm else math.inf
-                        )
-                        if norm is not None:  # DeepSpeed clips inside and may not report the norm
-                            grad_norm = torch.as_tensor(norm, dtype=torch.float32, device=accelerator.device)
-                    optimizer.step()
-                    optimizer.zero_grad()
-            scheduler.step()
-            mean_loss = float(accelerator.reduce(total / recipe.gradient_accumulation, reduction="mean"))
-            state.step += 1
-            state.log.append(
-                StepRecord(
-                    step=state.step,
-                    loss=mean_loss,
-                    learning_rate=learning_rate,
-                    grad_norm=None if math.isnan(float(grad_norm)) else float(grad_norm),
-                    tokens=state.step * tokens_per_step,
-                    seconds=time.perf_counter() - step_began,
-                )
-            )
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(
-                    f"the loss is {mean_loss} at step {state.step}: lower the learning rate"
-                )
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{learning_rate:.2e}")
-            last = state.step == recipe.steps
-            if eval_every and (state.step % eval_every == 0 or last):
-                state.evals.append(_evaluate(evaluation_model(), documents, lengths, accelerator, state.step))
-            if checkpoint_every and state.step % checkpoint_every == 0 and not last:
-                save_checkpoint()
-            write_log(finished=False)
-
-    accelerator.wait_for_everyone()
-    final = accelerator.unwrap_model(prepared)
-    if recipe.lora:
-        final = final.merge_and_unload()
-        state_dict = None
-    else:
-        state_dict = accelerator.get_state_dict(prepared)
-    if recipe.gradient_checkpointing:
-        _compat.set_activation_checkpointing(final, False)
-    final.config.use_cache = True
-    final.save_pretrained(
-        out,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=state_dict,
-    )
-    if accelerator.is_main_process and tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    write_log(finished=True)
-    if plot and accelerator.is_main_process:
-        from .plot import plot_loss
-
-        plot_loss(state.log, out / PLOT_FILE, evals=state.evals, title=_title(recipe))
-    accelerator.wait_for_everyone()
-    final.eval()
-    return FinetuneResult(
-        output=str(out),
-        recipe=recipe,
-        scaling=header["scaling"],
-        processes=processes,
-        log=tuple(state.log),
-        evals=tuple(state.evals),
-        data=header["data"],
-        resumed_from=header["resumed_from"],
-        seconds=time.perf_counter() - began,
-        model=final,
-    )
+    run.resolve(model)
+    run.prepare_data(data, text_column=text_column)
+    run.setup(model)
+    return run.train()
 
 
 def _title(recipe: FinetuneRecipe) -> str:
