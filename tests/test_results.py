@@ -90,6 +90,31 @@ class TestRecord:
         assert math.isnan(back[4].value)
         assert sorted(os.listdir(tmp_path)) == ["results.json"]
 
+    def test_non_finite_numbers_are_strict_json(self, tmp_path):
+        """No NaN/Infinity literal anywhere (strict parsers reject them); they read back as floats."""
+        inf, nan = float("inf"), float("nan")
+        details = {"nll": inf, "per_length": [1.5, -inf, nan], "nested": {"loss": nan}, "note": "x"}
+        entry = record(value=-inf, stderr=inf, details=details)
+        path = tmp_path / "results.json"
+        write_records([entry], path)
+
+        def refuse(literal: str) -> None:
+            raise AssertionError(f"non-strict JSON literal {literal} written")
+
+        (written,) = json.loads(path.read_text(), parse_constant=refuse)
+        assert written["value"] == "-inf" and written["stderr"] is None
+        assert written["details"] == {
+            "nll": "inf",
+            "per_length": [1.5, "-inf", "nan"],
+            "nested": {"loss": "nan"},
+            "note": "x",
+        }
+        (back,) = load_records(path)
+        assert back.value == -inf and back.stderr is None
+        assert back.details["nll"] == inf and back.details["per_length"][:2] == [1.5, -inf]
+        assert math.isnan(back.details["per_length"][2]) and math.isnan(back.details["nested"]["loss"])
+        assert back.details["note"] == "x"
+
     def test_write_is_atomic(self, tmp_path):
         path = tmp_path / "results.json"
         write_records([record()], path)

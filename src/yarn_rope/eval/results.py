@@ -13,6 +13,11 @@ number and everything needed to put it in a table next to numbers from other run
 A results file is a JSON list of such objects. :func:`write_records` writes it atomically (a
 temporary file in the same folder, then ``os.replace``), :func:`load_records` reads and validates
 one; :mod:`yarn_rope.eval.report` turns several files into one Markdown table and plots.
+
+The files are strict JSON (no ``NaN`` or ``Infinity`` literals, which strict parsers reject): a
+non-finite ``value``, or a non-finite number anywhere in ``details``, is written as the string
+``"nan"``, ``"inf"`` or ``"-inf"`` and read back as that float; a non-finite ``stderr`` is
+written as ``null`` (no estimate).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from .._files import write_text
+from .._files import from_strict_json, strict_json, write_json
 
 __all__ = [
     "SUITES",
@@ -152,12 +157,12 @@ class EvalRecord:
         return (self.suite, self.task, self.metric, self.length, self.depth)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, JSON-serialisable (non-finite values as ``null``)."""
+        """Every field, as strict JSON values: a non-finite ``stderr`` as ``None``, other non-finite
+        numbers (``value``, inside ``details``) as ``"nan"``, ``"inf"`` or ``"-inf"``."""
         out = dataclasses.asdict(self)
-        for name in ("value", "stderr"):
-            if out[name] is not None and not math.isfinite(out[name]):
-                out[name] = None if name == "stderr" else str(out[name])
-        return out
+        if out["stderr"] is not None and not math.isfinite(out["stderr"]):
+            out["stderr"] = None
+        return dict(strict_json(out))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalRecord:
@@ -181,21 +186,23 @@ class EvalRecord:
                 values["value"] = float(values["value"])
             except ValueError:
                 raise TypeError(f"EvalRecord.value must be a number, got {data['value']!r}") from None
+        if isinstance(values.get("details"), dict):
+            values["details"] = from_strict_json(values["details"])
         return cls(**values)
 
 
 def write_records(records: Iterable[EvalRecord], path: str | os.PathLike[str]) -> None:
-    """Write ``records`` as a JSON list to ``path``, atomically (never a half-written file).
+    """Write ``records`` as a strict JSON list to ``path``, atomically (never a half-written file).
 
     Raises:
-        TypeError: an item is not an :class:`EvalRecord`.
+        TypeError: an item is not an :class:`EvalRecord`, or ``details`` holds a value JSON cannot.
         OSError: the folder is missing or not writable.
     """
     items = list(records)
     for index, record in enumerate(items):
         if not isinstance(record, EvalRecord):
             raise TypeError(f"item {index} is {type(record).__name__}, not an EvalRecord")
-    write_text(path, json.dumps([record.to_dict() for record in items], indent=1) + "\n")
+    write_json(path, [record.to_dict() for record in items])
 
 
 def load_records(path: str | os.PathLike[str]) -> list[EvalRecord]:
