@@ -210,17 +210,29 @@ def load_records(path: str | os.PathLike[str]) -> list[EvalRecord]:
 
     Raises:
         FileNotFoundError: ``path`` cannot be read.
-        ValueError: not JSON, not a list, or a malformed record (the message names the file and
-            the record's index).
+        ValueError: not UTF-8 text, not JSON, JSON nested too deeply to be a results file, not a
+            list, or a malformed record (the message names the file, and the record's index).
     """
     target = os.fspath(path)
     try:
-        with open(target, encoding="utf-8") as stream:
-            data = json.load(stream)
+        with open(target, "rb") as stream:
+            raw = stream.read()
     except OSError as error:
         raise FileNotFoundError(f"cannot read results file {target}: {error.strerror}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{target} is not a results file: byte {error.start} is not UTF-8 text ({error.reason}); "
+            "results files are the JSON written by --json"
+        ) from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{target} is not JSON ({error.msg} at line {error.lineno})") from None
+    except RecursionError:
+        raise ValueError(
+            f"{target} is not a results file: its JSON is nested too deeply to read (a results file "
+            "is a flat list of records)"
+        ) from None
     if not isinstance(data, list):
         raise ValueError(f"{target} holds a JSON {type(data).__name__}, not a list of records")
     records = []
@@ -229,4 +241,6 @@ def load_records(path: str | os.PathLike[str]) -> list[EvalRecord]:
             records.append(EvalRecord.from_dict(item))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{target}, record {index}: {error}") from None
+        except RecursionError:
+            raise ValueError(f"{target}, record {index}: nested too deeply to be a record") from None
     return records
