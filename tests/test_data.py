@@ -235,16 +235,7 @@ class TestDefaultModelCache:
             assert torch.equal(model(ids).logits, reference(ids).logits)
 
     def test_a_cache_that_cannot_be_written_is_skipped(self, tmp_path, caplog):
-        model = transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(
-                vocab_size=64,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-            )
-        )
+        model = _tiny_llama()
         blocker = tmp_path / "a-file"
         blocker.write_text("not a folder")
         with caplog.at_level(logging.WARNING, logger="yarn_rope.eval.data"):

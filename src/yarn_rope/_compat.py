@@ -350,6 +350,13 @@ def lm_eval_output(bars: bool) -> Iterator[None]:
     drawn: Any = getattr(task, "tqdm", None)
     if not bars and drawn is tqdm:
         changes.append((task, "tqdm", functools.partial(drawn, disable=True)))
+    with _attributes_set(changes):
+        yield
+
+
+@contextlib.contextmanager
+def _attributes_set(changes: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """Each ``(module, name, value)`` set for the block; every attribute restored after it."""
     saved = [(module, name, getattr(module, name)) for module, name, _ in changes]
     try:
         for module, name, value in changes:
@@ -399,18 +406,13 @@ def hub_offline() -> Iterator[None]:
     """
     import importlib
 
-    saved: list[tuple[Any, str, Any]] = []
+    changes: list[tuple[Any, str, Any]] = []
     for module_name, name in _OFFLINE_FLAGS:
         try:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
         if hasattr(module, name):
-            saved.append((module, name, getattr(module, name)))
-    try:
-        for module, name, _ in saved:
-            setattr(module, name, True)
+            changes.append((module, name, True))
+    with _attributes_set(changes):
         yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
