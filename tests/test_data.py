@@ -9,7 +9,9 @@ still holds us to SmolLM2's split: every digit is a token of its own.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import shutil
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,16 +235,7 @@ class TestDefaultModelCache:
             assert torch.equal(model(ids).logits, reference(ids).logits)
 
     def test_a_cache_that_cannot_be_written_is_skipped(self, tmp_path, caplog):
-        model = transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(
-                vocab_size=64,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-            )
-        )
+        model = _tiny_llama()
         blocker = tmp_path / "a-file"
         blocker.write_text("not a folder")
         with caplog.at_level(logging.WARNING, logger="yarn_rope.eval.data"):
@@ -276,3 +269,184 @@ class TestDefaultModelCache:
         os.utime(weights, ns=(1, 1))  # and a different mtime, as any rewrite has
         assert data._cache_folder(tmp_path / "cache", weights) != first
         assert data._file_digest.cache_info().misses == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The cache's integrity, on a tiny stand-in for the default model (the GGUF load stubbed)
+# ------------------------------------------------------------------------------------------------
+
+
+def _tiny_llama(seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=258,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def stub_default_model(monkeypatch, tmp_path, save_byte_tokenizer):
+    """load_default_model on a tiny model: the 'GGUF' load returns it and is counted; the cache is real."""
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF tiny stand-in")
+    save_byte_tokenizer(tmp_path / "tokenizer")
+    reference = _tiny_llama()
+    loads = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        if "gguf_file" not in kwargs:
+            return original(*args, **kwargs)
+        loads.append(kwargs["gguf_file"])
+        model = _tiny_llama()
+        return model.to(kwargs["dtype"]) if kwargs.get("dtype") is not None else model
+
+    monkeypatch.setattr(data, "default_model_file", lambda: gguf)
+    monkeypatch.setattr(data, "_require_gguf", lambda: None)
+    monkeypatch.setattr(
+        data,
+        "load_gguf_tokenizer",
+        lambda folder, name: transformers.AutoTokenizer.from_pretrained(tmp_path / "tokenizer"),
+    )
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setenv("YARN_ROPE_CACHE", str(tmp_path / "cache"))
+    data._file_digest.cache_clear()
+    return reference, loads, tmp_path / "cache"
+
+
+def _same_weights(model, reference) -> bool:
+    import torch
+
+    ours, theirs = model.state_dict(), reference.state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def _flip_a_weight_byte(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-7] ^= 0x40  # inside the last tensor's data: the header still parses, the size is unchanged
+    weights.write_bytes(bytes(raw))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _empty(folder: Path) -> None:
+    for path in folder.iterdir():
+        path.unlink()
+
+
+DAMAGE = {
+    "flipped weight byte": _flip_a_weight_byte,
+    "truncated weights": lambda folder: _truncate(folder / "model.safetensors"),
+    "truncated tokenizer.json": lambda folder: _truncate(folder / "tokenizer.json"),
+    "emptied entry": _empty,
+    "entry without manifest (older release)": lambda folder: (folder / data._MANIFEST).unlink(),
+}
+
+
+class TestCacheIntegrity:
+    def test_fill_then_read(self, stub_default_model):
+        reference, loads, root = stub_default_model
+        data.load_default_model()
+        (folder,) = root.iterdir()
+        assert data._cache_damage(folder) is None
+        manifest = json.loads((folder / data._MANIFEST).read_text())
+        assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(manifest["files"])
+        model, _ = data.load_default_model()
+        assert loads == ["tiny.gguf"] and Path(model.config._name_or_path) == folder
+        assert _same_weights(model, reference)
+
+    @pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+    def test_damaged_entry_is_rebuilt_with_a_message(self, stub_default_model, caplog, damage):
+        """Never different weights, never a SafetensorError / JSON error: one line, then a rebuild."""
+        reference, loads, root = stub_default_model
+        data.load_default_model()
+        (folder,) = root.iterdir()
+        DAMAGE[damage](folder)
+        with caplog.at_level(logging.WARNING, logger="yarn_rope.eval.data"):
+            model, tokenizer = data.load_default_model()
+        (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert str(folder) in message and "rebuilding" in message and "\n" not in message
+        assert loads == ["tiny.gguf", "tiny.gguf"]  # rebuilt from the 'GGUF' file
+        assert _same_weights(model, reference)
+        plain = transformers.AutoTokenizer.from_pretrained(root.parent / "tokenizer")
+        assert tokenizer(DIGIT_HEAVY).input_ids == plain(DIGIT_HEAVY).input_ids
+        assert sorted(root.iterdir()) == [folder] and data._cache_damage(folder) is None
+        again, _ = data.load_default_model()  # the rebuilt entry is read, silently
+        assert loads == ["tiny.gguf", "tiny.gguf"] and _same_weights(again, reference)
+
+    def test_no_shard_bar_off_a_terminal(self, stub_default_model, capfd):
+        """The first load writes the cache without transformers' "Writing model shards" bar on a
+        non-terminal, even with transformers' own bars switched on (its default)."""
+        from transformers.utils import logging as tf_logging
+
+        _, _, root = stub_default_model
+        tf_logging.enable_progress_bar()
+        data.load_default_model()
+        assert "Writing model shards" not in capfd.readouterr().err
+        shutil.rmtree(root)
+        data.load_default_model(progress=True)  # asked for: shown, terminal or not
+        assert "Writing model shards" in capfd.readouterr().err
+
+    def test_losing_a_fill_race_is_quiet(self, stub_default_model, caplog, save_byte_tokenizer, tmp_path):
+        """A process that finds the entry filled by another when it renames its own keeps that one."""
+        _, _, root = stub_default_model
+        data.load_default_model()
+        (folder,) = root.iterdir()
+        before = (folder / data._MANIFEST).read_text()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+        with caplog.at_level(logging.INFO, logger="yarn_rope.eval.data"):
+            data._save_to_cache(folder, _tiny_llama(seed=1), tokenizer)
+        assert "another process cached the default model" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert sorted(root.iterdir()) == [folder] and (folder / data._MANIFEST).read_text() == before
+
+
+_FILL = """
+import sys, time, transformers
+from pathlib import Path
+from yarn_rope.eval import data
+sys.path.insert(0, {tests!r})
+from conftest import _save_byte_tokenizer
+from test_data import _tiny_llama
+folder, start = Path(sys.argv[1]), float(sys.argv[2])
+_save_byte_tokenizer(Path(sys.argv[3]))
+tokenizer = transformers.AutoTokenizer.from_pretrained(sys.argv[3])
+model = _tiny_llama()
+time.sleep(max(0.0, start - time.time()))
+data._save_to_cache(folder, model, tokenizer)
+"""
+
+
+def test_two_processes_filling_at_once_end_valid(tmp_path):
+    """Two processes fill the same entry at the same moment: one entry, valid, nothing left behind."""
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "cache" / "tiny-0123"
+    script = _FILL.format(tests=str(Path(__file__).parent))
+    start = str(time.time() + 8)  # both processes past their imports by then
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(folder), start, str(tmp_path / f"tok{i}")],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errors = [run.communicate(timeout=120)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert not any("could not cache" in error for error in errors), errors
+    assert sorted(path.name for path in folder.parent.iterdir()) == [folder.name]
+    assert data._cache_damage(folder) is None

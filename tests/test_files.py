@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -81,3 +82,23 @@ def test_figures_take_the_format_their_suffix_names(tmp_path, umask):
     assert (tmp_path / "plot.PNG").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert mode(tmp_path / "plot.svg") == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.PNG", "plot.svg"]
+
+
+def test_write_json_is_strict(tmp_path):
+    """The one JSON writer: non-finite floats become strings, and nothing non-strict gets through."""
+    target = tmp_path / "out.json"
+    _files.write_json(target, {"a": [float("inf"), float("-inf"), float("nan"), 1.0], "b": (2.5,)})
+    expected = {"a": ["inf", "-inf", "nan", 1.0], "b": [2.5]}
+    assert target.read_text() == json.dumps(expected, indent=1) + "\n"
+    back = _files.from_strict_json(json.loads(target.read_text()))
+    assert back["a"][:2] == [float("inf"), float("-inf")] and back["a"][2] != back["a"][2]
+
+
+def test_write_json_refuses_what_the_conversion_missed(tmp_path, monkeypatch):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    monkeypatch.setattr(_files, "strict_json", lambda value: value)  # as if a float slipped past it
+    with pytest.raises(ValueError, match="JSON compliant"):
+        _files.write_json(target, {"nll": float("inf")})
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

@@ -304,6 +304,60 @@ class TestOffline:
         assert len(lines) == 1 and "arc_challenge" in lines[0] and "--include-path" in lines[0]
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """No network, and nothing said about it: HF_HUB_OFFLINE unset, every connection refused.
+
+    Returns the list of connection attempts (host, port), each refused at once.
+    """
+    import socket
+
+    import datasets
+    import huggingface_hub.constants
+
+    attempts: list[object] = []
+
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError(101, "Network is unreachable (faked by the test)")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: refuse((host, a[0] if a else None)))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return attempts
+
+
+class TestNoNetwork:
+    """Without a network (and without HF_HUB_OFFLINE) one short try tells, not the Hub client's
+    retries with back-off (23 lines of warnings over about 50 s before)."""
+
+    def test_load_tasks_tries_once(self, no_network, capfd, caplog):
+        import datasets
+        import huggingface_hub.constants
+
+        try:
+            load_tasks(["arc_challenge"])
+        except HarnessDataUnavailable as error:
+            message = str(error)
+            assert "arc_challenge" in message and "unreachable" in message and "\n" not in message
+        # else: the dataset is in this machine's cache, and was read from it offline
+        assert len(no_network) == 1  # the probe; the datasets library tried nothing
+        assert "Retry" not in capfd.readouterr().err + caplog.text
+        assert datasets.config.HF_HUB_OFFLINE is False and huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+    @pytest.mark.slow
+    @pytest.mark.usefixtures("cli_loads_no_model")
+    def test_command_line_says_it_once(self, no_network, capfd, caplog):
+        status = cli.main(["eval", "harness", "--tasks", "arc_challenge", "--limit", "5"])
+        if status == 0:
+            pytest.skip("arc_challenge is in this machine's dataset cache")
+        err = capfd.readouterr().err
+        assert status == 2 and err.count("unreachable") == 1 and len(err.splitlines()) == 1, err
+        assert len(no_network) == 1 and "Retry" not in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Command line on a tiny checkpoint and a local task
 # ------------------------------------------------------------------------------------------------

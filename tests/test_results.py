@@ -90,6 +90,31 @@ class TestRecord:
         assert math.isnan(back[4].value)
         assert sorted(os.listdir(tmp_path)) == ["results.json"]
 
+    def test_non_finite_numbers_are_strict_json(self, tmp_path):
+        """No NaN/Infinity literal anywhere (strict parsers reject them); they read back as floats."""
+        inf, nan = float("inf"), float("nan")
+        details = {"nll": inf, "per_length": [1.5, -inf, nan], "nested": {"loss": nan}, "note": "x"}
+        entry = record(value=-inf, stderr=inf, details=details)
+        path = tmp_path / "results.json"
+        write_records([entry], path)
+
+        def refuse(literal: str) -> None:
+            raise AssertionError(f"non-strict JSON literal {literal} written")
+
+        (written,) = json.loads(path.read_text(), parse_constant=refuse)
+        assert written["value"] == "-inf" and written["stderr"] is None
+        assert written["details"] == {
+            "nll": "inf",
+            "per_length": [1.5, "-inf", "nan"],
+            "nested": {"loss": "nan"},
+            "note": "x",
+        }
+        (back,) = load_records(path)
+        assert back.value == -inf and back.stderr is None
+        assert back.details["nll"] == inf and back.details["per_length"][:2] == [1.5, -inf]
+        assert math.isnan(back.details["per_length"][2]) and math.isnan(back.details["nested"]["loss"])
+        assert back.details["note"] == "x"
+
     def test_write_is_atomic(self, tmp_path):
         path = tmp_path / "results.json"
         write_records([record()], path)
@@ -137,6 +162,26 @@ class TestRecord:
         bad.write_text(json.dumps([good | {"colour": "red"}]))
         with pytest.raises(ValueError, match="record 0: record has unknown field"):
             load_records(bad)
+
+    def test_unreadable_content_names_the_file(self, tmp_path):
+        """Deep nesting, non-UTF-8 bytes: a ValueError naming the file, no RecursionError or codec error."""
+        deep = tmp_path / "deep.json"
+        deep.write_text("[" * 200_000 + "]" * 200_000)
+        with pytest.raises(ValueError, match=r"deep\.json is not a results file: .*nested too deeply"):
+            load_records(deep)
+        in_details = tmp_path / "details.json"
+        details = "{}"
+        for _ in range(900):  # shallow enough for the parser, deep for the conversion after it
+            details = '{"x": ' + details + "}"
+        in_details.write_text(json.dumps([record().to_dict() | {"details": None}]).replace("null", details))
+        try:  # either it loads or it is refused by name; never a RecursionError
+            load_records(in_details)
+        except ValueError as error:
+            assert "details.json" in str(error)
+        latin = tmp_path / "latin.json"
+        latin.write_bytes(b'[{"suite": "ruler", "task": "caf\xe9"}]')
+        with pytest.raises(ValueError, match=r"latin\.json is not a results file: byte 32 is not UTF-8"):
+            load_records(latin)
 
     def test_mean_stderr(self):
         values = [1.0, 0.0, 1.0, 1.0, 0.0]
@@ -351,3 +396,9 @@ class TestCommandLine:
         assert "hold no records" in capsys.readouterr().err
         assert cli.main(["report", str(empty), "--out", str(tmp_path / "no" / "r.md")]) == 2
         assert "--out" in capsys.readouterr().err
+        (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+        (tmp_path / "latin.json").write_bytes(b'[{"task": "caf\xe9"}]')
+        for name in ("deep.json", "latin.json"):
+            assert cli.main(["report", str(tmp_path / name)]) == 2
+            err = capsys.readouterr().err
+            assert name in err and "Traceback" not in err and len(err.splitlines()) == 1, err

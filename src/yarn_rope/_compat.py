@@ -4,7 +4,7 @@ Each function says which releases it was checked on. When an upgrade breaks one 
 assumptions, this is the file to change; the rest of yarn_rope goes through it.
 
 Checked on: transformers 4.45.2, 4.57.6 and 5.23.0; accelerate 1.15.0; torch 2.4 - 2.13.0;
-lm-eval 0.4.13.
+lm-eval 0.4.13; huggingface_hub 2.4.0 and datasets 5.2.0 (the Hub's offline switch).
 
 Facts relied on, not code (kept here so they are read together):
 
@@ -39,6 +39,9 @@ __all__ = [
     "copy_device_hook",
     "delete_config_attribute",
     "drop_unpacked_gguf_marker",
+    "hub_endpoint",
+    "hub_offline",
+    "hub_offline_mode",
     "is_transformers_config",
     "rotary_buffer_names",
     "set_activation_checkpointing",
@@ -347,6 +350,13 @@ def lm_eval_output(bars: bool) -> Iterator[None]:
     drawn: Any = getattr(task, "tqdm", None)
     if not bars and drawn is tqdm:
         changes.append((task, "tqdm", functools.partial(drawn, disable=True)))
+    with _attributes_set(changes):
+        yield
+
+
+@contextlib.contextmanager
+def _attributes_set(changes: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """Each ``(module, name, value)`` set for the block; every attribute restored after it."""
     saved = [(module, name, getattr(module, name)) for module, name, _ in changes]
     try:
         for module, name, value in changes:
@@ -355,3 +365,54 @@ def lm_eval_output(bars: bool) -> Iterator[None]:
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
+
+
+# ------------------------------------------------------------------------------------------------
+# huggingface_hub and datasets: the offline switch
+# ------------------------------------------------------------------------------------------------
+
+# Module constants that mean "offline" to each library. Both read ``HF_HUB_OFFLINE`` (datasets also
+# ``HF_DATASETS_OFFLINE``) once, at import, so setting the variable later changes nothing.
+_OFFLINE_FLAGS = (
+    ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+    ("datasets.config", "HF_HUB_OFFLINE"),
+    ("datasets.config", "HF_DATASETS_OFFLINE"),
+)
+
+
+def hub_endpoint() -> str:
+    """The Hub's base URL huggingface_hub talks to (``$HF_ENDPOINT``, else ``https://huggingface.co``)."""
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT)
+
+
+def hub_offline_mode() -> bool:
+    """Whether huggingface_hub is already offline (``HF_HUB_OFFLINE=1`` when it was imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """huggingface_hub and datasets offline for the block, as ``HF_HUB_OFFLINE=1`` at start-up makes them.
+
+    Offline, a request that needs the Hub fails at once with ``OfflineModeIsEnabled`` (a
+    ``ConnectionError``), and files in the local cache are used; online with no network, each
+    request is retried with back-off first, with a warning per retry (checked on
+    huggingface_hub 2.4.0 and datasets 5.2.0). The constants are restored afterwards; a library
+    that is not installed is left alone.
+    """
+    import importlib
+
+    changes: list[tuple[Any, str, Any]] = []
+    for module_name, name in _OFFLINE_FLAGS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if hasattr(module, name):
+            changes.append((module, name, True))
+    with _attributes_set(changes):
+        yield

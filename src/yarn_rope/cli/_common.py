@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -200,10 +199,10 @@ def print_perplexity_table(results: Sequence[Any], trained: int | None) -> None:
 
 
 def write_data(path: str, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` whole or not at all (:func:`yarn_rope._files.atomic_path`)."""
-    from .._files import write_text
+    """Write ``data`` as strict JSON to ``path`` whole or not at all (:func:`yarn_rope._files.write_json`)."""
+    from .. import _files
 
-    write_text(path, json.dumps(data, indent=1))
+    _files.write_json(path, data)
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")

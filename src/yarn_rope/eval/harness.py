@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .. import _compat
@@ -107,6 +107,110 @@ def _check_fewshot(value: object, where: str) -> int:
     return value
 
 
+def _fewshot_counts(names: list[str], num_fewshot: int | Mapping[str, int] | None) -> dict[str, int]:
+    """The few-shot count chosen per name (absent: the task's own default, see :func:`load_tasks`)."""
+    shots: dict[str, int] = {}
+    for name in names:
+        if isinstance(num_fewshot, Mapping):
+            chosen = num_fewshot.get(name, AUTHORS_FEWSHOT.get(name))
+        else:
+            chosen = num_fewshot if num_fewshot is not None else AUTHORS_FEWSHOT.get(name)
+        if chosen is not None:
+            shots[name] = _check_fewshot(chosen, f"num_fewshot for {name}")
+    if isinstance(num_fewshot, Mapping):
+        extra = sorted(set(num_fewshot) - set(names))
+        if extra:
+            raise ValueError(f"num_fewshot names task(s) {extra} that are not among the tasks {names}")
+    return shots
+
+
+def _include_folders(
+    include_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+) -> list[str]:
+    if include_path is None:
+        return []
+    paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
+    for path in paths:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"include_path {os.fspath(path)} is not a folder of task YAML files")
+    return [os.fspath(path) for path in paths]
+
+
+def _check_known(names: list[str], known: set[str]) -> None:
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        import difflib
+
+        hints = [difflib.get_close_matches(name, known, n=3) for name in unknown]
+        said = "; ".join(
+            f"{name!r}" + (f" (did you mean {', '.join(hint)}?)" if hint else "")
+            for name, hint in zip(unknown, hints, strict=True)
+        )
+        raise ValueError(f"lm-eval knows no task {said}; local tasks need include_path= (--include-path)")
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub's host opens within ``timeout`` seconds.
+
+    One short try, so that an offline machine is recognised at once instead of after the Hub
+    client's retries (about 50 s of warnings for lm-eval's default tasks).
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(_compat.hub_endpoint())
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_access() -> Iterator[bool]:
+    """Offline mode for the block when the Hub cannot be reached; yields whether it is offline."""
+    if _compat.hub_offline_mode():
+        yield True
+    elif _hub_reachable():
+        yield False
+    else:
+        logger.info(
+            "the Hugging Face Hub (%s) is unreachable: datasets come from the local cache only",
+            _compat.hub_endpoint(),
+        )
+        with _compat.hub_offline():
+            yield True
+
+
+def _load_one(manager: Any, name: str, count: int | None) -> tuple[Any, dict[str, Any], int]:
+    """``(task or group, its leaf tasks, few-shot count)`` of one name, the datasets loaded."""
+    try:
+        loaded = manager.load([name])
+    except ConnectionError as error:
+        lines = str(error).strip().splitlines()
+        reason = lines[0] if lines else type(error).__name__
+        raise HarnessDataUnavailable(
+            f"the dataset of task {name} is not in the local cache and the Hugging Face Hub "
+            f"({_compat.hub_endpoint()}) is unreachable ({reason}); run once with network access, "
+            "or evaluate a local task (include_path= / --include-path)"
+        ) from None
+    if name in loaded["groups"]:
+        found = loaded["groups"][name]
+    elif name in loaded["tasks"]:
+        found = loaded["tasks"][name]
+    else:
+        raise ValueError(
+            f"{name} is a tag of several lm-eval tasks ({', '.join(loaded['tasks'])}): name those tasks"
+        )
+    for task in loaded["tasks"].values():
+        if count is None:  # the task's own default, 0 where it has none (as lm-eval does)
+            own = task.get_config("num_fewshot")
+            count = 0 if own is None else int(own)
+        task.set_config(key="num_fewshot", value=count)
+    return found, loaded["tasks"], 0 if count is None else count
+
+
 def load_tasks(
     tasks: str | Sequence[str] = DEFAULT_TASKS,
     *,
@@ -114,6 +218,10 @@ def load_tasks(
     include_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
 ) -> HarnessTasks:
     """Find the tasks in lm-eval's registry (plus ``include_path``) and load their datasets.
+
+    When the Hugging Face Hub cannot be reached (one connection attempt of at most 1.5 s), the
+    datasets are read from the local cache only, as with ``HF_HUB_OFFLINE=1``: no retries, and a
+    dataset missing from the cache is reported at once.
 
     Args:
         tasks: task or group names (``"arc_challenge"``, ``"mmlu"``, or a local task's name).
@@ -138,68 +246,19 @@ def load_tasks(
         raise ValueError(f"tasks must name at least one lm-eval task, got {tasks!r}")
     if len(set(names)) != len(names):
         raise ValueError(f"tasks must not repeat, got {names!r}")
-    shots: dict[str, int] = {}
-    for name in names:
-        if isinstance(num_fewshot, Mapping):
-            chosen = num_fewshot.get(name, AUTHORS_FEWSHOT.get(name))
-        else:
-            chosen = num_fewshot if num_fewshot is not None else AUTHORS_FEWSHOT.get(name)
-        if chosen is not None:
-            shots[name] = _check_fewshot(chosen, f"num_fewshot for {name}")
-    if isinstance(num_fewshot, Mapping):
-        extra = sorted(set(num_fewshot) - set(names))
-        if extra:
-            raise ValueError(f"num_fewshot names task(s) {extra} that are not among the tasks {names}")
-    folders = []
-    if include_path is not None:
-        paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
-        for path in paths:
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"include_path {os.fspath(path)} is not a folder of task YAML files")
-            folders.append(os.fspath(path))
+    shots = _fewshot_counts(names, num_fewshot)
+    folders = _include_folders(include_path)
 
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=folders or None)
-    known = set(manager.all_tasks)
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        import difflib
-
-        hints = [difflib.get_close_matches(name, known, n=3) for name in unknown]
-        said = "; ".join(
-            f"{name!r}" + (f" (did you mean {', '.join(hint)}?)" if hint else "")
-            for name, hint in zip(unknown, hints, strict=True)
-        )
-        raise ValueError(f"lm-eval knows no task {said}; local tasks need include_path= (--include-path)")
-
+    _check_known(names, set(manager.all_tasks))
     objects: dict[str, Any] = {}
     leaves: dict[str, tuple[str, ...]] = {}
-    for name in names:
-        try:
-            loaded = manager.load([name])
-        except ConnectionError as error:
-            raise HarnessDataUnavailable(
-                f"the dataset of task {name} is not in the local cache and the Hugging Face Hub is "
-                f"unreachable ({error}); run once with network access, or evaluate a local task "
-                "(include_path= / --include-path)"
-            ) from None
-        if name in loaded["groups"]:
-            objects[name] = loaded["groups"][name]
-        elif name in loaded["tasks"]:
-            objects[name] = loaded["tasks"][name]
-        else:
-            raise ValueError(
-                f"{name} is a tag of several lm-eval tasks ({', '.join(loaded['tasks'])}): name those tasks"
-            )
-        leaves[name] = tuple(loaded["tasks"])
-        count = shots.get(name)
-        for task in loaded["tasks"].values():
-            if count is None:  # the task's own default, 0 where it has none (as lm-eval does)
-                own = task.get_config("num_fewshot")
-                count = 0 if own is None else int(own)
-            task.set_config(key="num_fewshot", value=count)
-        shots[name] = 0 if count is None else count
+    with _hub_access():
+        for name in names:
+            objects[name], leaf_tasks, shots[name] = _load_one(manager, name, shots.get(name))
+            leaves[name] = tuple(leaf_tasks)
     return HarnessTasks(
         names=tuple(names), num_fewshot=shots, objects=objects, leaves=leaves, task_manager=manager
     )

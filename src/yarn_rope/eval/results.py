@@ -13,6 +13,11 @@ number and everything needed to put it in a table next to numbers from other run
 A results file is a JSON list of such objects. :func:`write_records` writes it atomically (a
 temporary file in the same folder, then ``os.replace``), :func:`load_records` reads and validates
 one; :mod:`yarn_rope.eval.report` turns several files into one Markdown table and plots.
+
+The files are strict JSON (no ``NaN`` or ``Infinity`` literals, which strict parsers reject): a
+non-finite ``value``, or a non-finite number anywhere in ``details``, is written as the string
+``"nan"``, ``"inf"`` or ``"-inf"`` and read back as that float; a non-finite ``stderr`` is
+written as ``null`` (no estimate).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from .._files import write_text
+from .._files import from_strict_json, strict_json, write_json
 
 __all__ = [
     "SUITES",
@@ -156,12 +161,12 @@ class EvalRecord:
         return (self.suite, self.task, self.metric, self.length, self.depth)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, JSON-serialisable (non-finite values as ``null``)."""
+        """Every field, as strict JSON values: a non-finite ``stderr`` as ``None``, other non-finite
+        numbers (``value``, inside ``details``) as ``"nan"``, ``"inf"`` or ``"-inf"``."""
         out = dataclasses.asdict(self)
-        for name in ("value", "stderr"):
-            if out[name] is not None and not math.isfinite(out[name]):
-                out[name] = None if name == "stderr" else str(out[name])
-        return out
+        if out["stderr"] is not None and not math.isfinite(out["stderr"]):
+            out["stderr"] = None
+        return dict(strict_json(out))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalRecord:
@@ -185,21 +190,23 @@ class EvalRecord:
                 values["value"] = float(values["value"])
             except ValueError:
                 raise TypeError(f"EvalRecord.value must be a number, got {data['value']!r}") from None
+        if isinstance(values.get("details"), dict):
+            values["details"] = from_strict_json(values["details"])
         return cls(**values)
 
 
 def write_records(records: Iterable[EvalRecord], path: str | os.PathLike[str]) -> None:
-    """Write ``records`` as a JSON list to ``path``, atomically (never a half-written file).
+    """Write ``records`` as a strict JSON list to ``path``, atomically (never a half-written file).
 
     Raises:
-        TypeError: an item is not an :class:`EvalRecord`.
+        TypeError: an item is not an :class:`EvalRecord`, or ``details`` holds a value JSON cannot.
         OSError: the folder is missing or not writable.
     """
     items = list(records)
     for index, record in enumerate(items):
         if not isinstance(record, EvalRecord):
             raise TypeError(f"item {index} is {type(record).__name__}, not an EvalRecord")
-    write_text(path, json.dumps([record.to_dict() for record in items], indent=1) + "\n")
+    write_json(path, [record.to_dict() for record in items])
 
 
 def load_records(path: str | os.PathLike[str]) -> list[EvalRecord]:
@@ -207,17 +214,29 @@ def load_records(path: str | os.PathLike[str]) -> list[EvalRecord]:
 
     Raises:
         FileNotFoundError: ``path`` cannot be read.
-        ValueError: not JSON, not a list, or a malformed record (the message names the file and
-            the record's index).
+        ValueError: not UTF-8 text, not JSON, JSON nested too deeply to be a results file, not a
+            list, or a malformed record (the message names the file, and the record's index).
     """
     target = os.fspath(path)
     try:
-        with open(target, encoding="utf-8") as stream:
-            data = json.load(stream)
+        with open(target, "rb") as stream:
+            raw = stream.read()
     except OSError as error:
         raise FileNotFoundError(f"cannot read results file {target}: {error.strerror}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{target} is not a results file: byte {error.start} is not UTF-8 text ({error.reason}); "
+            "results files are the JSON written by --json"
+        ) from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{target} is not JSON ({error.msg} at line {error.lineno})") from None
+    except RecursionError:
+        raise ValueError(
+            f"{target} is not a results file: its JSON is nested too deeply to read (a results file "
+            "is a flat list of records)"
+        ) from None
     if not isinstance(data, list):
         raise ValueError(f"{target} holds a JSON {type(data).__name__}, not a list of records")
     records = []
@@ -226,4 +245,6 @@ def load_records(path: str | os.PathLike[str]) -> list[EvalRecord]:
             records.append(EvalRecord.from_dict(item))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{target}, record {index}: {error}") from None
+        except RecursionError:
+            raise ValueError(f"{target}, record {index}: nested too deeply to be a record") from None
     return records

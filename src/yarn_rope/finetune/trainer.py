@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from .. import _compat
-from .._files import write_text
+from .._files import write_json
 from .._progress import progress_bar
 from ..config import RopeScaling
 from .data import PackedData, PackedSequences, _checked_ids, prepare_data
@@ -517,7 +517,7 @@ def _add_lora(model: Any, recipe: FinetuneRecipe) -> Any:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    write_text(path, json.dumps(payload, indent=1) + "\n")
+    write_json(path, payload)
 
 
 def _evaluate(
