@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import platform
 import re
@@ -200,9 +199,9 @@ def write_json(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
     """Write ``report`` (which must have a ``headline``) to ``path`` atomically: all or nothing."""
     if "headline" not in report:
         raise ValueError("a benchmark report needs its headline ratio under 'headline'")
-    from yarn_rope._files import write_text
+    from yarn_rope._files import write_json as write_strict_json
 
-    write_text(path, json.dumps(report, indent=1) + "\n")
+    write_strict_json(path, report)
 
 
 def finish(report: dict[str, Any], path: str | os.PathLike[str] | None) -> dict[str, Any]:
