@@ -253,13 +253,14 @@ def add_model_arguments(command: argparse.ArgumentParser, *, default_methods: st
         choices=METHODS,
         help=f"repeat to compare several (default: {default_methods})",
     )
-    command.add_argument("--factor", type=scale_factor, default=2.0, help="scale factor (default 2)")
-    command.add_argument(
-        "--original-max-position-embeddings",
-        type=int,
-        default=None,
-        metavar="L",
-        help="trained context (default: what the model declares)",
+    from . import _flags
+
+    _flags.add_setting_flags(
+        command,
+        ("factor", "original_max_position_embeddings"),
+        defaults={"factor": 2.0},
+        kinds={"factor": scale_factor},
+        notes={"factor": "default 2", "original_max_position_embeddings": "default: what the model declares"},
     )
 
 
