@@ -366,3 +366,80 @@ class TestFlagParsing:
         flags = {"lora": "--lora", "lora_rank": "--lora-rank", "steps": "--steps"}
         assert _flags.flag_named_in("lora_rank must be >= 1", flags) == "--lora-rank"
         assert _flags.flag_named_in("warmup_steps must be >= 0", flags) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Checked before any work: output files, plot formats, prompt lengths, blank texts (issue 24)
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_gguf(path: Path) -> Path:
+    """A one-tensor GGUF file with a Llama's rope metadata."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    for key, value in (("context_length", 4096), ("embedding_length", 64), ("attention.head_count", 1)):
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_uint32("llama.block_count", 1)
+    writer.add_float32("llama.rope.freq_base", 10000.0)
+    writer.add_tensor("token_embd.weight", torch.zeros(8, 64).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+class TestCheckedFirst:
+    @pytest.mark.parametrize("target", [["--to", "llama.cpp"], ["--to", "gguf", "--out", "OUT"]])
+    def test_export_json_in_a_missing_folder(self, tmp_path, capsys, target):
+        source = tiny_gguf(tmp_path / "in.gguf")
+        target = [str(tmp_path / "out.gguf") if word == "OUT" else word for word in target]
+        json_path = tmp_path / "nodir" / "x.json"
+        assert cli.main(["export", str(source), *target, "--json", str(json_path), "--no-progress"]) == 2
+        assert capsys.readouterr().out == ""  # nothing printed, nothing done
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.gguf"]
+
+    def test_export_json_error_names_the_flag(self, tmp_path, capsys):
+        source = tiny_gguf(tmp_path / "in.gguf")
+        assert (
+            cli.main(["export", str(source), "--to", "llama.cpp", "--json", str(tmp_path / "no/x.json")]) == 2
+        )
+        one_line_error(capsys, "--json", str(tmp_path / "no/x.json"), "does not exist")
+
+    def test_export_out_in_a_missing_folder(self, tmp_path, capsys):
+        source = tiny_gguf(tmp_path / "in.gguf")
+        out = tmp_path / "nodir" / "out.gguf"
+        assert cli.main(["export", str(source), "--to", "gguf", "--out", str(out), "--no-progress"]) == 2
+        one_line_error(capsys, "--out", "does not exist")
+
+    @pytest.mark.parametrize("evaluation", ["ruler", "harness"])
+    def test_plot_format_is_checked_up_front(self, tmp_path, capsys, cli_loads_no_model, evaluation):
+        plot = tmp_path / "out.txt"
+        assert cli.main(["eval", evaluation, "--plot", str(plot), "--no-progress"]) == 2
+        one_line_error(capsys, f"--plot {plot}", ".png, .svg or .pdf")
+
+    def test_ruler_lengths_too_short_for_a_prompt(self, capsys, cli_loads_no_model, model_folder):
+        capsys.readouterr()  # the fixture's save bars are not the command's output
+        argv = ["eval", "ruler", "--model", str(model_folder), "--lengths", "16,4096", "--no-progress"]
+        assert cli.main(argv) == 2
+        one_line_error(capsys, "--lengths 16 is too short for a", "prompt (needs at least")
+
+    def test_ruler_lengths_that_fit_need_no_tokenizer(self, monkeypatch):
+        """The byte count bounds the tokens: ordinary lengths are checked without loading anything."""
+        from yarn_rope.cli import _common, ruler
+        from yarn_rope.eval import data
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a tokenizer was loaded for lengths that fit in bytes")
+
+        monkeypatch.setattr(_common, "load_tokenizer", refuse)
+        monkeypatch.setattr(data, "load_default_tokenizer", refuse)
+        args = cli.build_parser().parse_args(["eval", "ruler", "--lengths", "2048,4096"])
+        ruler._check_prompt_lengths(args, None)
+
+    @pytest.mark.parametrize("evaluation", ["perplexity", "ruler"])
+    def test_blank_text(self, tmp_path, capsys, cli_loads_no_model, evaluation):
+        blank = tmp_path / "blank.txt"
+        blank.write_text(" \n\t\n")
+        assert cli.main(["eval", evaluation, "--text", str(blank), "--no-progress"]) == 2
+        one_line_error(capsys, f"--text {blank}", "blank")

@@ -184,6 +184,8 @@ def documents(args: argparse.Namespace, count: int = 1) -> list[tuple[str, str]]
                 f"--text {path} is not UTF-8 text (byte {error.start}: {error.reason}); pass a plain-text "
                 "file"
             ) from None
+        if not documents[-1][1].strip():
+            raise ValueError(f"--text {path} is blank (no text to read); pass a file with text in it")
     return documents
 
 

@@ -42,8 +42,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--out writes a GGUF copy and needs --to gguf, not --to {args.to}")
     if args.method is not None:
         M.check_method(args.method)
-    if args.json is not None and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a folder; pass a file name")
+    common.check_outputs(args)  # --json, --out: before anything is read or written
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
