@@ -1,7 +1,19 @@
 """``yarn-rope`` command line: the only package that prints or configures logging.
 
-One module per command (``frequencies``, ``inspection``, ``demo``, ``evaluate``), each with a
-``register(subparsers)`` function; helpers they share live in ``_common``.
+One module per command, each with a ``register(subparsers)`` function:
+
+- ``frequencies``: ``yarn-rope frequencies``, the per-pair table of a scaling method;
+- ``inspection``: ``yarn-rope inspect MODEL``, what a checkpoint declares and what the loader does;
+- ``demo``: ``yarn-rope demo``, plain RoPE vs YaRN on SmolLM2;
+- ``evaluate``: ``yarn-rope eval perplexity|passkey`` (and the ``eval`` group the next two join);
+- ``ruler``: ``yarn-rope eval ruler``, RULER-style long-context tasks;
+- ``harness``: ``yarn-rope eval harness``, short-context benchmarks through lm-evaluation-harness;
+- ``report``: ``yarn-rope report RESULTS...``, result files into one Markdown report;
+- ``finetune``: ``yarn-rope finetune``, training through a context extension;
+- ``export``: ``yarn-rope export SOURCE --to ...``, the exact settings per serving engine.
+
+Helpers they share live in ``_common``; ``_flags`` generates the flags of the scaling settings
+(from the registry's ``SETTINGS``) and of the fine-tuning recipe (from its fields).
 """
 
 from __future__ import annotations

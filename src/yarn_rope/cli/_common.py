@@ -183,6 +183,8 @@ def documents(args: argparse.Namespace, count: int = 1) -> list[tuple[str, str]]
                 f"--text {path} is not UTF-8 text (byte {error.start}: {error.reason}); pass a plain-text "
                 "file"
             ) from None
+        if not documents[-1][1].strip():
+            raise ValueError(f"--text {path} is blank (no text to read); pass a file with text in it")
     return documents
 
 
@@ -252,13 +254,14 @@ def add_model_arguments(command: argparse.ArgumentParser, *, default_methods: st
         choices=METHODS,
         help=f"repeat to compare several (default: {default_methods})",
     )
-    command.add_argument("--factor", type=scale_factor, default=2.0, help="scale factor (default 2)")
-    command.add_argument(
-        "--original-max-position-embeddings",
-        type=int,
-        default=None,
-        metavar="L",
-        help="trained context (default: what the model declares)",
+    from . import _flags
+
+    _flags.add_setting_flags(
+        command,
+        ("factor", "original_max_position_embeddings"),
+        defaults={"factor": 2.0},
+        kinds={"factor": scale_factor},
+        notes={"factor": "default 2", "original_max_position_embeddings": "default: what the model declares"},
     )
 
 

@@ -8,24 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import methods as M
+from ..export import TARGETS
 from . import _common as common
+from . import _flags
 
 _EXAMPLE = "yarn-rope export path/to/Yarn-Mistral-7b-128k --to vllm --json vllm.json"
 
-# (flag, RopeScaling field, type) of the settings a user may change on the command line.
-_SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
-    ("--method", "method", str),
-    ("--factor", "factor", float),
-    ("--original-max-position-embeddings", "original_max_position_embeddings", int),
-    ("--max-position-embeddings", "max_position_embeddings", int),
-    ("--beta-fast", "beta_fast", float),
-    ("--beta-slow", "beta_slow", float),
-    ("--extrapolation-factor", "extrapolation_factor", float),
-    ("--attention-factor", "attention_factor", float),
-    ("--attn-factor", "attn_factor", float),
-    ("--mscale-coefficient", "mscale_coefficient", float),
-)
-
+# How each target's Python call is spelled (yarn_rope.export.TARGETS names the targets only).
 _ENTRY_POINTS = {
     "vllm": "vllm.LLM",
     "sglang": "sglang.Engine",
@@ -53,17 +42,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--out writes a GGUF copy and needs --to gguf, not --to {args.to}")
     if args.method is not None:
         M.check_method(args.method)
-    if args.json is not None and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a folder; pass a file name")
+    common.check_outputs(args)  # --json, --out: before anything is read or written
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     _check_args(args)
     from ..export import export
 
-    settings = {
-        field: getattr(args, field) for _, field, _ in _SETTING_FLAGS if getattr(args, field) is not None
-    }
+    settings = _flags.given_settings(args)
+    if args.method is not None:
+        settings["method"] = args.method
     result = export(
         args.source,
         args.to,
@@ -76,10 +64,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
         progress=args.progress,
         **settings,
     )
-    scaling = result.scaling
-    print(f"source:    {result.source}")
-    print(f"target:    {result.engine}")
-    print(f"checked:   {result.checked}")
+    _print_result(result)
+    if result.output is not None:
+        print(f"wrote {result.output}")
+    if args.json:
+        common.write_data(args.json, result.to_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _describe(scaling: Any) -> str:
+    """``yarn factor=2 original=4096 beta_fast=32 beta_slow=1 attention scaling=1.069315``."""
     described = f"{scaling.method}"
     if scaling.method != "none":
         described += f" factor={scaling.factor:g}" if scaling.factor is not None else ""
@@ -88,7 +83,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if "beta_fast" in scaling.spec.settings:
             described += f" beta_fast={scaling.beta_fast:g} beta_slow={scaling.beta_slow:g}"
         described += f" attention scaling={scaling.attention_scaling():.6f}"
-    print(f"scaling:   {described}")
+    return described
+
+
+def _print_result(result: Any) -> None:
+    """What to type or pass, one labelled line each (an :class:`~yarn_rope.export.ExportResult`)."""
+    print(f"source:    {result.source}")
+    print(f"target:    {result.engine}")
+    print(f"checked:   {result.checked}")
+    print(f"scaling:   {_describe(result.scaling)}")
     if result.approximation is not None:
         approximation = result.approximation
         print(f"requested: {approximation.requested.method} (approximated: {approximation.lost})")
@@ -101,19 +104,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"context:   {context}")
     if result.command:
         print(f"command:   {result.command_line()}")
-    print(f"python:    {_call(_ENTRY_POINTS[result.target], result.python)}")
+    print(f"python:    {_call(_ENTRY_POINTS.get(result.target, result.target), result.python)}")
     if result.target in ("vllm", "sglang"):
         print(f"overrides: {json.dumps(result.settings)}")
     else:
         print(f"settings:  {json.dumps(result.settings)}")
     for note in result.notes:
         print(f"note:      {note}")
-    if result.output is not None:
-        print(f"wrote {result.output}")
-    if args.json:
-        common.write_data(args.json, result.to_dict())
-        print(f"wrote {args.json}")
-    return 0
 
 
 def register(commands: Any) -> None:
@@ -131,28 +128,16 @@ def register(commands: Any) -> None:
         **common.example(_EXAMPLE),
     )
     parser.add_argument("source", metavar="SOURCE", help="checkpoint folder, config.json or GGUF file")
-    parser.add_argument(
-        "--to",
-        required=True,
-        choices=["vllm", "sglang", "llama.cpp", "transformers", "gguf"],
-        help="export target",
-    )
+    parser.add_argument("--to", required=True, choices=list(TARGETS), help="export target")
     parser.add_argument("--out", default=None, metavar="OUT.gguf", help="--to gguf: the copy to write")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
     parser.add_argument(
         "--gguf-file", default=None, metavar="NAME", help="GGUF file inside the SOURCE folder"
     )
-    for flag, field, kind in _SETTING_FLAGS:
-        parser.add_argument(
-            flag,
-            dest=field,
-            type=kind,
-            default=None,
-            metavar={str: "NAME", int: "N", float: "X"}[kind],
-            help=M.SETTINGS[field].doc
-            if field in M.SETTINGS
-            else "scaling method (default: the source's, else yarn)",
-        )
+    parser.add_argument(
+        "--method", default=None, metavar="NAME", help="scaling method (default: the source's, else yarn)"
+    )
+    _flags.add_setting_flags(parser)  # every setting of every method, from the registry
     parser.add_argument(
         "--context-length",
         type=int,
@@ -179,10 +164,5 @@ def register(commands: Any) -> None:
         metavar="N",
         help="rotated dimensions per head, if SOURCE states none",
     )
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar (default: on a terminal)",
-    )
+    common.add_progress_flags(parser)
     parser.set_defaults(handler=_cmd_export)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..finetune.recipe import MIXED_PRECISION, SCHEDULES, TRAINABLE_EXTRAS, FinetuneRecipe
 from ..methods import METHODS
 from . import _common as common
+from . import _flags
 
 # SmolLM2 x2 to 16k context, trained on 1k-token sequences of your text.
 EXAMPLE = (
@@ -29,25 +32,26 @@ EXAMPLE = (
 )
 
 
-# Recipe fields -> the flags that set them, to name the flag in an error message.
-_FLAGS = {
-    "method": "--method",
-    "original_max_position_embeddings": "--original-max-position-embeddings",
-    "factor": "--factor",
-    "seq_len": "--seq-len",
-    "steps": "--steps",
-    "learning_rate": "--lr",
-    "warmup_steps": "--warmup-steps",
-    "batch_size": "--batch-size",
-    "gradient_accumulation": "--gradient-accumulation",
-    "max_grad_norm": "--max-grad-norm",
-    "weight_decay": "--weight-decay",
-    "seed": "--seed",
-    "lora_rank": "--lora-rank",
-    "lora_alpha": "--lora-alpha",
-    "lora_dropout": "--lora-dropout",
-    "lora_train": "--lora-train",
-}
+# How the recipe's fields are spelled on the command line; every field gets a flag (cli._flags).
+_RECIPE_FLAGS = _flags.FieldFlags(
+    flags={"learning_rate": ("--lr",)},  # --lr (the reference's name) and --learning-rate
+    choices={
+        "method": METHODS,
+        "schedule": SCHEDULES,
+        "mixed_precision": MIXED_PRECISION,
+        "lora_train": TRAINABLE_EXTRAS,
+    },
+    help={
+        "method": "static method (dynamic ones have no one table to train)",
+        "original_max_position_embeddings": "pretrained context (default: what the model declares)",
+        "seq_len": "training sequence length (default: factor x original)",
+        "max_grad_norm": "clip the global gradient norm to this (0 or none: no clipping)",
+        "mixed_precision": "auto: bf16 on a GPU (reference: bf16)",
+        "lora_train": "with --lora, also train these fully",
+    },
+    groups={"scaling": ("method", "factor", "original_max_position_embeddings", "seq_len")},
+    rest="recipe",
+)
 
 
 def _parse_lengths(text: str) -> list[int]:
@@ -58,36 +62,21 @@ def _parse_lengths(text: str) -> list[int]:
 
 
 def _recipe(args: argparse.Namespace) -> Any:
-    from ..finetune import FinetuneRecipe
-
+    """The :class:`~yarn_rope.finetune.FinetuneRecipe` of the flags; an error names the flag."""
+    fields = _flags.dataclass_values(FinetuneRecipe, args)
+    fields["max_grad_norm"] = fields["max_grad_norm"] or None  # 0: no clipping
     try:
-        return FinetuneRecipe(
-            method=args.method,
-            factor=args.factor,
-            original_max_position_embeddings=args.original_max_position_embeddings,
-            seq_len=args.seq_len,
-            steps=args.steps,
-            learning_rate=args.lr,
-            warmup_steps=args.warmup_steps,
-            schedule=args.schedule,
-            batch_size=args.batch_size,
-            gradient_accumulation=args.gradient_accumulation,
-            max_grad_norm=args.max_grad_norm or None,
-            weight_decay=args.weight_decay,
-            seed=args.seed,
-            gradient_checkpointing=args.gradient_checkpointing,
-            mixed_precision=args.mixed_precision,
-            lora=args.lora,
-            lora_rank=args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            lora_train=tuple(part for part in args.lora_train.split(",") if part) if args.lora_train else (),
-        )
+        return FinetuneRecipe(**fields)
     except (ValueError, TypeError) as error:
-        message = str(error)
-        named = [(message.find(field), flag) for field, flag in _FLAGS.items() if field in message]
-        prefix = f"{min(named)[1]}: " if named else ""
-        raise type(error)(prefix + message) from None
+        flag = _flags.flag_named_in(str(error), _recipe_flags())
+        raise type(error)((f"{flag}: " if flag else "") + str(error)) from None
+
+
+def _recipe_flags() -> dict[str, str]:
+    """Recipe field -> the flag that sets it (named in error messages)."""
+    return {
+        field.name: _RECIPE_FLAGS.spellings(field.name)[0] for field in dataclasses.fields(FinetuneRecipe)
+    }
 
 
 def _model_source(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -252,46 +241,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--resume", default=None, metavar="DIR", help="continue a run: its output folder or one checkpoint"
     )
-    scaling = parser.add_argument_group("scaling")
-    scaling.add_argument("--method", default="yarn", choices=METHODS, help="static method (default: yarn)")
-    scaling.add_argument(
-        "--factor", type=float, default=16.0, help="scale factor (default 16, the reference)"
-    )
-    scaling.add_argument(
-        "--original-max-position-embeddings",
-        type=int,
-        default=None,
-        metavar="L",
-        help="pretrained context (default: what the model declares)",
-    )
-    scaling.add_argument(
-        "--seq-len", type=int, default=None, help="training sequence length (default: factor x original)"
-    )
-    recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
-    recipe.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5)")
-    recipe.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps (default 20)")
-    recipe.add_argument("--schedule", choices=("linear", "constant"), default="linear")
-    recipe.add_argument("--batch-size", type=int, default=1, help="sequences per process per micro-batch")
-    recipe.add_argument("--gradient-accumulation", type=int, default=8, help="micro-batches per step (8)")
-    recipe.add_argument("--max-grad-norm", type=float, default=1.0, help="clip norm (default 1; 0: off)")
-    recipe.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    recipe.add_argument("--seed", type=int, default=42)
-    recipe.add_argument(
-        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="(default: on)"
-    )
-    recipe.add_argument(
-        "--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto", help="auto: bf16 on GPU"
-    )
-    recipe.add_argument(
-        "--lora", action="store_true", help="train LoRA adapters (merged into the saved model)"
-    )
-    recipe.add_argument("--lora-rank", type=int, default=16)
-    recipe.add_argument("--lora-alpha", type=int, default=64)
-    recipe.add_argument("--lora-dropout", type=float, default=0.05)
-    recipe.add_argument(
-        "--lora-train", default="", metavar="embeddings,norms", help="with --lora, also train these fully"
-    )
+    _flags.add_dataclass_flags(parser, FinetuneRecipe, _RECIPE_FLAGS)  # every recipe field
     run = parser.add_argument_group("evaluation and checkpoints")
     run.add_argument(
         "--eval-lengths",

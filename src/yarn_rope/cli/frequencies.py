@@ -10,6 +10,7 @@ from .. import methods as M
 from ..config import RopeScaling
 from ..frequencies import default_inv_freq, interpolation_ramp, yarn_correction_range
 from . import _common as common
+from . import _flags
 
 # Example values for a table when a method needs a setting the user did not give.
 _EXAMPLE = {"factor": 8.0, "original_max_position_embeddings": 4096}
@@ -89,11 +90,7 @@ def _print_frequency_table(table: dict[str, Any]) -> None:
 def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given on the command line, completed with example values the method needs."""
     spec = M.get(args.method)
-    fields: dict[str, Any] = {"method": spec.name}
-    for name in M.SETTINGS:
-        value = getattr(args, name, None)
-        if value is not None:
-            fields[name] = value
+    fields: dict[str, Any] = {"method": spec.name, **_flags.given_settings(args)}
     if spec.name == "none":
         return fields
     for name, value in spec.defaults.items():
@@ -116,41 +113,6 @@ def _cmd_frequencies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setting_parser(setting: M.Setting) -> Any:
-    """How a setting's command-line text becomes a value (the registry validates it afterwards)."""
-    if isinstance(setting.default, bool):
-        return _flag
-    if setting.name in ("short_factor", "long_factor"):
-        return _number_list
-    if setting.name.endswith("position_embeddings"):
-        return int
-    return float
-
-
-def _metavar(setting: M.Setting) -> str:
-    if isinstance(setting.default, bool):
-        return "true|false"
-    if setting.name in ("short_factor", "long_factor"):
-        return "X,Y,..."
-    return "N" if setting.name.endswith("position_embeddings") else "X"
-
-
-def _flag(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _number_list(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-
-
 def register(commands: Any) -> None:
     """Add the ``frequencies`` command to the top-level subparsers."""
     freq = commands.add_parser(
@@ -164,18 +126,9 @@ def register(commands: Any) -> None:
     freq.add_argument("--method", default="yarn", choices=M.METHODS)
     freq.add_argument("--dim", type=int, default=128, help="rotary dimension (default 128)")
     freq.add_argument("--base", type=float, default=10000.0, help="rope_theta (default 10000)")
-    for setting in M.SETTINGS.values():  # every setting of every method, from the registry
-        example = _EXAMPLE.get(setting.name)
-        extra = f" (default for a table: {example:g})" if example is not None else ""
-        flag = isinstance(setting.default, bool)  # --finetuned alone means true
-        freq.add_argument(
-            "--" + setting.name.replace("_", "-"),
-            type=_setting_parser(setting),
-            default=None,
-            metavar=_metavar(setting),
-            help=setting.doc + extra,
-            **({"nargs": "?", "const": True} if flag else {}),
-        )
+    _flags.add_setting_flags(  # every setting of every method, from the registry
+        freq, notes={name: f"default for a table: {value:g}" for name, value in _EXAMPLE.items()}
+    )
     freq.add_argument("--seq-len", type=int, default=None, help="dynamic methods: current sequence length")
     freq.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON")
     freq.set_defaults(handler=_cmd_frequencies)

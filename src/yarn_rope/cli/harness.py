@@ -48,10 +48,7 @@ def _cmd_eval_harness(args: argparse.Namespace) -> int:
     from ..eval.harness import HarnessDataUnavailable, compare_harness, load_tasks
     from ..eval.report import markdown_table, plot_harness
 
-    common.check_output(args.json, "--json")
-    common.check_output(args.plot, "--plot")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise ImportError("--plot needs matplotlib: pip install 'yarn-rope[plot]'")
+    common.check_outputs(args)  # --json, --plot: the folder, the plot format, matplotlib
     if importlib.util.find_spec("lm_eval") is None:
         raise ImportError(
             "yarn-rope eval harness needs lm-evaluation-harness: pip install 'yarn-rope[harness]'"

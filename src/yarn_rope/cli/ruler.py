@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import random
 import time
+import types
 from typing import Any
 
 from . import _common as common
@@ -38,20 +39,57 @@ def _depths(text: str) -> list[float]:
     return values
 
 
+class _ByteCounter:
+    """A stand-in tokenizer, one token per UTF-8 byte plus room for special tokens.
+
+    Byte-level tokenizers never give more tokens than that, so a prompt that fits in these counts
+    fits in the model's: the model's tokenizer is needed only when one does not.
+    """
+
+    specials = 8
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> Any:
+        extra = [0] * self.specials if add_special_tokens else []
+        ids = [[*piece.encode(), *extra] for piece in ([text] if isinstance(text, str) else text)]
+        return types.SimpleNamespace(input_ids=ids[0] if isinstance(text, str) else ids)
+
+
+def _check_prompt_lengths(args: argparse.Namespace, haystack: str | None) -> None:
+    """``--lengths`` too short for a prompt of ``--tasks``: one line, before the model loads."""
+    from ..eval.data import default_corpus, load_default_tokenizer
+    from ..eval.ruler import NEEDLE_TASKS, Haystack, build_prompt
+
+    shortest = min(args.lengths)
+    needles = any(task in NEEDLE_TASKS for task in args.tasks)
+    text = haystack if haystack is not None or not needles else default_corpus(1)[0][1]
+    for exact in (False, True):
+        tokenizer: Any = _ByteCounter()
+        if exact:  # the tokenizer alone: a second load, only for lengths within a few hundred tokens
+            tokenizer = (
+                common.load_tokenizer(args.model, args.gguf_file) if args.model else load_default_tokenizer()
+            )
+        stack = Haystack.from_text(text, tokenizer) if text is not None else None
+        try:
+            for task in args.tasks:
+                build_prompt(task, tokenizer, shortest, rng=random.Random(0), haystack=stack)
+            return
+        except ValueError as error:
+            if exact:
+                raise ValueError(str(error).replace(f"length={shortest}", f"--lengths {shortest}")) from None
+
+
 def _cmd_eval_ruler(args: argparse.Namespace) -> int:
     from ..eval.report import markdown_table, plot_depth_heatmap
     from ..eval.results import EvalRecord
     from ..eval.ruler import NEEDLE_TASKS, ruler
 
-    common.check_output(args.json, "--json")
-    common.check_output(args.plot, "--plot")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise ImportError("--plot needs matplotlib: pip install 'yarn-rope[plot]'")
+    common.check_outputs(args)  # --json, --plot: the folder, the plot format, matplotlib
     if args.plot and not any(task in NEEDLE_TASKS for task in args.tasks):
         raise ValueError("--plot draws accuracy by needle depth: add a needle task to --tasks")
     haystack = None
     if args.text:
         haystack = "\n".join(text for _, text in common.documents(args))
+    _check_prompt_lengths(args, haystack)
     model, tokenizer, original = common.load_model(args)
     name = common.model_name(args)
     print(
