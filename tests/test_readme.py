@@ -270,6 +270,19 @@ def test_every_block_has_a_known_language():
     assert not unknown, unknown
 
 
+def test_relative_links_resolve():
+    """Every ``[text](path)`` and ``![alt](path)`` on a page that is not a web address names a file or
+    folder of the repository, relative to the page (as GitHub resolves it)."""
+    broken = []
+    for file, text in PAGES.items():
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not ((ROOT / file).parent / target.split("#")[0]).exists():
+                broken.append(f"{file}: {target}")
+    assert not broken, broken
+
+
 @pytest.mark.parametrize("key", list(SKIPPED), ids=lambda key: f"{key[0]}:{key[1]}")
 def test_skipped_blocks(key):
     block = the_block(*key)
