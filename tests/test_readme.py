@@ -481,10 +481,12 @@ def test_the_demo_records_are_the_demo_command_s():
         assert (record.suite, record.task, record.metric) == ("perplexity", "truncate", "perplexity")
         assert record.samples == length - 1  # every token but the first is scored
         assert record.value == pytest.approx(math.exp(record.details["nll"]), rel=1e-12)
-        if method != "none":
-            assert record.settings is not None
-            assert record.settings["factor"] == 2.0
-            assert record.settings["original_max_position_embeddings"] == 8192
+        if method == "none":
+            assert record.settings is None and record.label == "plain RoPE"
+        else:
+            assert record.settings is not None and record.settings["method"] == method
+            assert record.settings["factor"] == 2.0 and record.label == f"{method} x2"
+    assert records["yarn", 16384].settings["original_max_position_embeddings"] == 8192  # type: ignore[index]
 
 
 @runs((README, r"^\.venv/bin/yarn-rope report docs/runs/demo\.json"))
@@ -492,12 +494,18 @@ def test_report_reads_the_shipped_records(tmp_path):
     """The README's report of docs/runs/: every shipped record file is accepted, the demo's
     perplexities among the rows."""
     shutil.copytree(RUNS_DIR, tmp_path / "docs" / "runs")
-    run_bash_block(the_block(README, r"^\.venv/bin/yarn-rope report docs/runs/demo\.json"), tmp_path)
+    (result,) = run_bash_block(
+        the_block(README, r"^\.venv/bin/yarn-rope report docs/runs/demo\.json"), tmp_path
+    )
+    shipped = sum(len(load_records(RUNS_DIR / name)) for name in ("demo.json", "passkey.json", "ruler.json"))
+    assert f"({shipped} records from 3 file(s))" in result.stdout
     report = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
-    for suite in ("perplexity", "passkey", "ruler"):
-        assert f"## {suite}" in report.lower() or suite in report, suite
-    for record in demo_records().values():
-        assert f"{record.value:.2f}" in report or f"{record.value:.3f}" in report, record
+    for title in ("## Perplexity by context length", "## Passkey retrieval", "## RULER-style tasks"):
+        assert title in report
+    records = demo_records()
+    for length in (2048, 4096, 8192, 12288, 16384):
+        values = " | ".join(f"{records[method, length].value:.2f}" for method in ("none", "linear", "yarn"))
+        assert f"| {length:,} | {values} |" in report
 
 
 def test_demo_table_is_docs_demo_json():
