@@ -2,7 +2,7 @@
 
 Run (about 20 minutes on 2 shared CPU cores; ``--preset smoke`` is CI's seconds-long version):
     nice -n 10 .venv/bin/python benchmarks/finetune_extension.py \
-        --json benchmarks/results/finetune_extension.json --plot docs/finetune_extension.png
+        --json benchmarks/results/finetune_extension.json --plot docs/runs/finetune_extension.png
 
 The paper (Peng et al., ICLR 2024, sections 4.2-4.3, Table 1 and Figure 1) extends Llama-2 and
 reports that, at an equal number of fine-tuning steps, YaRN reaches a lower perplexity than
