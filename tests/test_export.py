@@ -258,7 +258,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 EXACT = {
     "vllm": {"none", "linear", "ntk", "yarn", "llama3"},
     "sglang": {"none", "linear", "ntk", "yarn", "llama3"},
-    "llama.cpp": {"none", "linear", "ntk", "yarn"},
+    "llama.cpp": {"none", "linear", "ntk", "yarn", "llama3"},  # llama3: the converted file's rope_freqs
 }
 
 
@@ -574,7 +574,6 @@ def test_sglang_nulls_keys_the_config_states_and_the_export_does_not(tmp_path):
             "llama.cpp",
             "truncate",
         ),
-        (yarn_rope.RopeScaling(**EXAMPLES["llama3"]), "llama.cpp", "rope_freqs"),
     ],
 )
 def test_inexpressible_settings_are_refused_with_what_would_be_lost(scaling, engine, match):
@@ -610,13 +609,18 @@ def test_finetuned_dynamic_yarn_approximation_within_its_context_is_exact_there(
     assert result.approximation.table_difference == 0.0 and result.approximation.attention_difference == 0.0
 
 
-def test_llama3_on_llamacpp_approximates_with_yarn_betas():
+def test_llama3_on_llamacpp_needs_no_flag():
+    """Issue 20 D3: convert_hf_to_gguf.py writes Llama 3.1's table into the file as rope_freqs, which
+    llama.cpp applies (test_gguf_write.py): no flag, no YaRN stacked on top, even when approximations
+    are allowed."""
     requested = yarn_rope.RopeScaling(**EXAMPLES["llama3"])
-    result = export(requested, "llama.cpp", rope_theta=BASE, rotary_dim=DIM, allow_approximation=True)
-    assert (result.scaling.method, result.scaling.beta_fast, result.scaling.beta_slow) == ("yarn", 4.0, 1.0)
-    assert llamacpp_attention(result.python) == pytest.approx(1.0, rel=1e-12)
-    assert result.approximation is not None and 0 < result.approximation.table_difference < 1 - 1 / 8
-    assert result.approximation.attention_difference < 1e-12
+    for allow in (False, True):
+        result = export(requested, "llama.cpp", rope_theta=BASE, rotary_dim=DIM, allow_approximation=allow)
+        assert result.scaling == requested and result.approximation is None
+        assert result.settings == {"ARCH.context_length": 131072}
+        assert result.command == ("llama-server", "-m", "MODEL.gguf", "-c", "131072")
+        assert set(result.python) == {"model_path", "n_ctx"}
+        assert any("rope_freqs" in note for note in result.notes)
 
 
 def test_longrope_serves_one_list_of_factors():
@@ -648,8 +652,7 @@ def test_export_targets_lists_what_each_target_loses():
     checks = {check.target: check for check in export_targets(yarn_rope.RopeScaling(**EXAMPLES["llama3"]))}
     assert set(checks) == set(TARGETS)
     assert checks["vllm"].exact and checks["sglang"].exact and checks["transformers"].exact
-    assert not checks["llama.cpp"].exact and "rope_freqs" in (checks["llama.cpp"].lost or "")
-    assert checks["gguf"].approximable
+    assert checks["llama.cpp"].exact and checks["gguf"].exact  # through the converted file's rope_freqs
     dynamic = {
         c.target: c
         for c in export_targets(
