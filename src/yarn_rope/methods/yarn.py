@@ -177,8 +177,8 @@ def _vllm_deepseek_yarn(s: Settings, model: S.ServeModel) -> S.EngineSettings:
     factor = s["factor"]
     if not s["truncate"]:
         raise ValueError(
-            "truncate=False: vLLM's DeepSeek rope (deepseek_scaling_rope.py) always floors and ceils the ramp "
-            "bounds, so the fractional bounds would be rounded"
+            "truncate=False: vLLM's DeepSeek rope (deepseek_scaling_rope.py) always floors and ceils the "
+            "ramp bounds, so the fractional bounds would be rounded"
         )
     rope = _yarn_rope_keys(s)
     all_dim = s["mscale_all_dim"]
