@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,7 +259,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 EXACT = {
     "vllm": {"none", "linear", "ntk", "yarn", "llama3"},
     "sglang": {"none", "linear", "ntk", "yarn", "llama3"},
-    "llama.cpp": {"none", "linear", "ntk", "yarn"},
+    "llama.cpp": {"none", "linear", "ntk", "yarn", "llama3"},  # llama3: the converted file's rope_freqs
 }
 
 
@@ -574,7 +575,6 @@ def test_sglang_nulls_keys_the_config_states_and_the_export_does_not(tmp_path):
             "llama.cpp",
             "truncate",
         ),
-        (yarn_rope.RopeScaling(**EXAMPLES["llama3"]), "llama.cpp", "rope_freqs"),
     ],
 )
 def test_inexpressible_settings_are_refused_with_what_would_be_lost(scaling, engine, match):
@@ -610,13 +610,18 @@ def test_finetuned_dynamic_yarn_approximation_within_its_context_is_exact_there(
     assert result.approximation.table_difference == 0.0 and result.approximation.attention_difference == 0.0
 
 
-def test_llama3_on_llamacpp_approximates_with_yarn_betas():
+def test_llama3_on_llamacpp_needs_no_flag():
+    """Issue 20 D3: convert_hf_to_gguf.py writes Llama 3.1's table into the file as rope_freqs, which
+    llama.cpp applies (test_gguf_write.py): no flag, no YaRN stacked on top, even when approximations
+    are allowed."""
     requested = yarn_rope.RopeScaling(**EXAMPLES["llama3"])
-    result = export(requested, "llama.cpp", rope_theta=BASE, rotary_dim=DIM, allow_approximation=True)
-    assert (result.scaling.method, result.scaling.beta_fast, result.scaling.beta_slow) == ("yarn", 4.0, 1.0)
-    assert llamacpp_attention(result.python) == pytest.approx(1.0, rel=1e-12)
-    assert result.approximation is not None and 0 < result.approximation.table_difference < 1 - 1 / 8
-    assert result.approximation.attention_difference < 1e-12
+    for allow in (False, True):
+        result = export(requested, "llama.cpp", rope_theta=BASE, rotary_dim=DIM, allow_approximation=allow)
+        assert result.scaling == requested and result.approximation is None
+        assert result.settings == {"ARCH.context_length": 131072}
+        assert result.command == ("llama-server", "-m", "MODEL.gguf", "-c", "131072")
+        assert set(result.python) == {"model_path", "n_ctx"}
+        assert any("rope_freqs" in note for note in result.notes)
 
 
 def test_longrope_serves_one_list_of_factors():
@@ -648,8 +653,7 @@ def test_export_targets_lists_what_each_target_loses():
     checks = {check.target: check for check in export_targets(yarn_rope.RopeScaling(**EXAMPLES["llama3"]))}
     assert set(checks) == set(TARGETS)
     assert checks["vllm"].exact and checks["sglang"].exact and checks["transformers"].exact
-    assert not checks["llama.cpp"].exact and "rope_freqs" in (checks["llama.cpp"].lost or "")
-    assert checks["gguf"].approximable
+    assert checks["llama.cpp"].exact and checks["gguf"].exact  # through the converted file's rope_freqs
     dynamic = {
         c.target: c
         for c in export_targets(
@@ -796,3 +800,103 @@ def test_a_model_without_rope_is_refused_naming_its_architecture(tmp_path, model
     folder = _config_folder(tmp_path, model_type, config)
     with pytest.raises(ValueError, match=f"{model_type}.*no rotary"):
         export(folder, "vllm", method="yarn", factor=2.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSeek-V2 (issue 20, D1 and D2)
+# ------------------------------------------------------------------------------------------------
+
+# DeepSeek-V2-Lite's config.json, its rope settings and the sizes the export reads.
+DEEPSEEK_V2 = {
+    "model_type": "deepseek_v2",
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "hidden_size": 2048,
+    "num_attention_heads": 16,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 128,
+    "v_head_dim": 128,
+    "kv_lora_rank": 512,
+    "rope_theta": BASE,
+    "max_position_embeddings": 163840,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    },
+}
+
+
+def llamacpp_deepseek2_attention(file_keys: dict[str, Any], python: dict[str, Any]) -> float:
+    """llama.cpp 0c1e57098 for a deepseek2 file: the loader reads ``yarn_log_multiplier`` and divides
+    it by 0.1 (mscale_all_dim, [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX]); llama_context multiplies cos/sin by
+    get_mscale(s, mscale_all_dim) / get_mscale(s, mscale_all_dim) and by the attn_factor key (or its
+    --override-kv)."""
+    factor = 1.0 / python["rope_freq_scale"]
+    all_dim = float(file_keys["deepseek2.rope.scaling.yarn_log_multiplier"]) / 0.1
+    attn = python.get("kv_overrides", {}).get(
+        "deepseek2.rope.scaling.attn_factor", file_keys.get("deepseek2.rope.scaling.attn_factor", 1.0)
+    )
+    return _get_mscale(factor, all_dim) / _get_mscale(factor, all_dim) * attn
+
+
+def test_deepseek_v2_to_llamacpp_leaves_the_attention_factor_at_1(tmp_path):
+    """D1: convert_hf_to_gguf.py writes DeepSeek-V2 as deepseek2 with yarn_log_multiplier = 0.1 *
+    mscale_all_dim, from which llama.cpp derives a cos/sin multiplier of 1: no attn_factor override."""
+    folder = _config_folder(tmp_path, "DeepSeek-V2-Lite", DEEPSEEK_V2)
+    result = export(folder, "llama.cpp")
+    assert "--override-kv" not in result.command and "kv_overrides" not in result.python
+    assert result.settings["deepseek2.rope.scaling.attn_factor"] == 1.0
+    converted = {"deepseek2.rope.scaling.yarn_log_multiplier": float(np.float32(0.1 * 0.707))}
+    wanted = result.scaling.attention_scaling()
+    assert wanted == pytest.approx(1.0, abs=1e-15)
+    assert llamacpp_deepseek2_attention(converted, result.python) == pytest.approx(wanted, rel=1e-7)
+    # An attention factor asked for is passed as the key, on top of llama.cpp's 1.
+    scaled = export(folder, "llama.cpp", attn_factor=1.1)
+    assert llamacpp_deepseek2_attention(converted, scaled.python) == pytest.approx(1.1, rel=1e-7)
+
+
+def vllm_deepseek_rope(hf_overrides: dict[str, Any], dim: int) -> tuple[torch.Tensor, float, float]:
+    """vLLM 0.32.0 / 0.33.0 for DeepSeek-V2/V3: models/deepseek_v2.py turns the rope type into
+    deepseek_llama_scaling when ``attention_factor == 1.0``, else deepseek_yarn;
+    DeepseekScalingRotaryEmbedding (deepseek_scaling_rope.py) reads beta_fast, beta_slow, mscale
+    (default 1) and mscale_all_dim (default 0) only. Returns (table, cos/sin multiplier, softmax
+    scale multiplier: get_mscale(s, mscale_all_dim) ** 2 under deepseek_yarn only)."""
+    rope = hf_overrides["rope_parameters"]
+    kind = "deepseek_llama_scaling" if rope.get("attention_factor") == 1.0 else "deepseek_yarn"
+    factor = rope["factor"]
+    table = _ramp_table(rope, dim, rope.get("rope_theta", 10000), extrapolation=1.0, truncate=True)
+    scale = _get_mscale(factor, float(rope.get("mscale", 1))) / _get_mscale(
+        factor, float(rope.get("mscale_all_dim", 0))
+    )
+    softmax = (
+        _get_mscale(factor, float(rope.get("mscale_all_dim", False))) ** 2 if kind == "deepseek_yarn" else 1.0
+    )
+    return table, scale, softmax
+
+
+@pytest.mark.parametrize("attn_factor", [1.0, 1.1, 0.9])
+def test_deepseek_v2_to_vllm_spells_the_attention_factor(tmp_path, attn_factor):
+    """D2: vLLM's DeepSeek class takes no attention_factor; the export spells it through mscale and
+    keeps mscale_all_dim (the softmax temperature) as the config states."""
+    folder = _config_folder(tmp_path, "DeepSeek-V2-Lite", DEEPSEEK_V2)
+    result = export(folder, "vllm", attn_factor=attn_factor)
+    rope = result.settings["rope_parameters"]
+    assert "attention_factor" not in rope
+    table, scale, softmax = vllm_deepseek_rope(result.settings, 64)
+    wanted, wanted_scale = result.scaling.inv_freq(64, base=BASE)
+    torch.testing.assert_close(table, wanted, rtol=2e-7, atol=0)
+    assert wanted_scale == pytest.approx(attn_factor, rel=1e-12)
+    assert scale == pytest.approx(wanted_scale, rel=1e-12)
+    assert softmax == pytest.approx((0.1 * 0.707 * math.log(40.0) + 1) ** 2, rel=1e-15)
+
+
+def test_vllm_note_on_the_tokenizer_length():
+    """D4: vLLM 0.32/0.33 read the tokenizer's model_max_length only for pooling models with absolute
+    position embeddings (config/model.py)."""
+    result = export(yarn_rope.RopeScaling(**EXAMPLES["yarn"]), "vllm", rope_theta=BASE)
+    note = next(note for note in result.notes if "model_max_length" in note)
+    assert "does not cap max_model_len" in note and "pooling" in note

@@ -31,9 +31,14 @@ VOCAB = 32
 
 
 def _tiny(
-    path: Path, *, arch: str = "llama", fields: dict[str, Any] | None = None, alignment: int | None = None
+    path: Path,
+    *,
+    arch: str = "llama",
+    fields: dict[str, Any] | None = None,
+    alignment: int | None = None,
+    tensors: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """A small GGUF file: float32, float16 and raw Q8_0 tensors, and a Llama's metadata."""
+    """A small GGUF file: float32, float16 and raw Q8_0 tensors (and ``tensors``), and a Llama's metadata."""
     writer = gguf.GGUFWriter(str(path), arch=arch)
     if alignment is not None:
         writer.add_custom_alignment(alignment)
@@ -57,6 +62,8 @@ def _tiny(
     writer.add_tensor("output_norm.weight", rng.standard_normal(HEAD_DIM).astype(np.float16))
     q8 = rng.integers(0, 256, size=(4, 34 * 2), dtype=np.uint8)  # 4 rows of 64 Q8_0 values
     writer.add_tensor("blk.0.ffn_up.weight", q8, raw_shape=q8.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    for name, array in (tensors or {}).items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -414,3 +421,112 @@ def test_a_running_copys_temporary_is_kept(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live copy holds its temporary
         write_copy(source, tmp_path / "out.gguf", fields={})
         assert running.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Llama 3.1's rope_freqs tensor (issue 20, D3)
+# ------------------------------------------------------------------------------------------------
+
+LLAMA31 = {
+    "factor": 8.0,
+    "original_max_position_embeddings": 8192,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+}
+LLAMA31_BASE = 500000.0
+
+
+def converted_rope_freqs(
+    dim: int, base: float, factor: float, original: int, low: float, high: float
+) -> np.ndarray:
+    """What convert_hf_to_gguf.py (0c1e57098, LlamaModel.generate_extra_tensors) writes as rope_freqs
+    for rope_scaling llama3: per pair of wavelength w, 1 below original / high, factor beyond
+    original / low, and 1 / ((1 - t) / factor + t) between, t = (original / w - low) / (high - low)."""
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    out = []
+    for freq in freqs:
+        wavelength = 2 * math.pi / float(freq)
+        if wavelength < original / high:
+            out.append(1.0)
+        elif wavelength > original / low:
+            out.append(factor)
+        else:
+            t = (original / wavelength - low) / (high - low)
+            out.append(1 / ((1 - t) / factor + t))
+    return np.array(out, dtype=np.float32)
+
+
+def llamacpp_angles(rope_freqs: np.ndarray, base: float, positions: np.ndarray) -> np.ndarray:
+    """llama.cpp 0c1e57098 ggml/src/ggml-cpu/ops.cpp (ggml_rope_cache_init, rope_yarn) without rope
+    scaling (freq_scale 1, ext_factor 0): pair i at position p turns by theta / freq_factors[i], theta
+    = p * theta_scale ** i formed by repeated float32 multiplication, theta_scale = base ** (-2 / n_dims);
+    the model passes the file's rope_freqs as freq_factors (src/llama-model.cpp, rope_freqs)."""
+    dim = 2 * len(rope_freqs)
+    theta_scale = np.float32(base ** (-2.0 / dim))
+    out = np.empty((len(positions), len(rope_freqs)), dtype=np.float32)
+    for row, position in enumerate(positions):
+        theta = np.float32(position)
+        for i, factor in enumerate(rope_freqs):
+            out[row, i] = theta / np.float32(factor)
+            theta = np.float32(theta * theta_scale)
+    return out
+
+
+def _llama31_file(tmp_path: Path, **fields: Any) -> Path:
+    freqs = converted_rope_freqs(HEAD_DIM, LLAMA31_BASE, 8.0, 8192, 1.0, 4.0)
+    return _tiny(
+        tmp_path / "llama31.gguf",
+        fields={"llama.rope.freq_base": LLAMA31_BASE, "llama.context_length": 131072, **fields},
+        tensors={M.ROPE_FREQS_TENSOR: freqs},
+    )
+
+
+def test_llamacpp_divides_each_pair_angle_by_rope_freqs(tmp_path):
+    """A converted Llama 3.1 file: llama.cpp's angles are yarn_rope's llama3 table, with no flag."""
+    path = _llama31_file(tmp_path)
+    read = yarn_rope.gguf.read_metadata(path).rope_freqs
+    assert read is not None and len(read) == HEAD_DIM // 2
+    factors = np.array(read, dtype=np.float32)
+    assert 1 < int(((factors > 1) & (factors < 8)).sum())  # pairs on the ramp
+    positions = np.array([1, 100, 4096, 131071], dtype=np.float64)
+    ours = yarn_rope.RopeScaling(method="llama3", **LLAMA31).inv_freq(HEAD_DIM, base=LLAMA31_BASE)[0]
+    wanted = positions[:, None] * ours.double().numpy()[None, :]
+    np.testing.assert_allclose(llamacpp_angles(factors, LLAMA31_BASE, positions), wanted, rtol=5e-6, atol=0)
+
+
+def test_rope_freqs_is_read_as_llama3_and_served_without_flags(tmp_path):
+    path = _llama31_file(tmp_path)
+    result = export(path, "llama.cpp")
+    assert result.scaling.method == "llama3"
+    assert {name: getattr(result.scaling, name) for name in LLAMA31} == LLAMA31
+    assert result.command == ("llama-server", "-m", str(path), "-c", "131072")
+    assert any("rope_freqs" in note for note in result.notes)
+    plan = yarn_rope.plan_load(tmp_path, gguf_file=path.name)
+    assert plan.scaling is not None and plan.scaling.method == "llama3" and plan.scaling.factor == 8.0
+
+
+def test_nothing_is_stacked_on_rope_freqs(tmp_path):
+    """Before issue 20, --allow-approximation put YaRN flags on top of the file's rope_freqs."""
+    path = _llama31_file(tmp_path)
+    for settings in (
+        {"method": "yarn", "factor": 8.0},
+        {"method": "none"},
+        {"method": "linear", "factor": 2.0},
+    ):
+        with pytest.raises(ValueError, match="rope_freqs"):
+            export(path, "llama.cpp", allow_approximation=True, **settings)
+    with pytest.raises(ValueError, match="largest relative difference"):
+        export(path, "llama.cpp", factor=16.0)  # another llama3 table than the file's
+
+
+def test_llama3_on_a_file_without_rope_freqs_is_refused(tmp_path):
+    path = _tiny(tmp_path / "plain.gguf")
+    with pytest.raises(ValueError, match="has none"):
+        export(path, "llama.cpp", method="llama3", **LLAMA31, allow_approximation=True)
+
+
+def test_rope_freqs_that_is_no_llama3_table_is_refused(tmp_path):
+    freqs = np.linspace(1.0, 3.0, HEAD_DIM // 2, dtype=np.float32)[::-1].copy()
+    path = _tiny(tmp_path / "odd.gguf", tensors={M.ROPE_FREQS_TENSOR: freqs})
+    with pytest.raises(ValueError, match=r"not Llama 3\.1's table"):
+        export(path, "llama.cpp")

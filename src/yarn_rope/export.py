@@ -244,14 +244,22 @@ def _from_config(
     if scaling is None:
         scaling = declaration.scaling()
     dim = rotary_dim if rotary_dim is not None else _rotary_dim(raw, declaration.partial_rotary_factor)
-    # convert_hf_to_gguf.py writes Llama and Mistral checkpoints as GGUF architecture "llama".
-    arch = "llama" if raw.get("model_type") in ("llama", "mistral") else None
+    # The GGUF architecture (and DeepSeek's yarn_log_multiplier) convert_hf_to_gguf.py would write.
+    arch = M.llamacpp_architecture(raw)
+    architectures = raw.get("architectures")
+    model = M.ServeModel(
+        rope_theta=declaration.rope_theta,
+        rotary_dim=dim,
+        architecture=arch,
+        log_multiplier=M.converted_log_multiplier(arch, declaration.rope),
+        architectures=tuple(str(name) for name in architectures) if isinstance(architectures, list) else (),
+    )
     return _Source(
         label=label,
         reference=reference,
         scaling=scaling,
         declared=declaration.rope,
-        model=M.ServeModel(rope_theta=declaration.rope_theta, rotary_dim=dim, architecture=arch),
+        model=model,
         partial_rotary_factor=declaration.partial_rotary_factor,
         max_position_embeddings=declaration.max_position_embeddings,
     )
@@ -264,7 +272,7 @@ def _from_gguf(path: Path) -> _Source:
     fields = metadata.fields
     arch = metadata.architecture
     _refuse_without_rope(str(path), "GGUF architecture", arch, M.LLAMACPP_NO_ROPE_ARCHS)
-    config = M.from_gguf_metadata(fields)
+    config = M.from_gguf_metadata(fields, rope_freqs=metadata.rope_freqs)
     declaration = read_rope(config)
     head_count = fields.get(f"{arch}.attention.head_count")
     dim = fields.get(f"{arch}.rope.dimension_count")
@@ -276,6 +284,8 @@ def _from_gguf(path: Path) -> _Source:
         rotary_dim=int(dim) if dim is not None else None,
         architecture=arch,
         log_multiplier=fields.get(f"{arch}.rope.scaling.yarn_log_multiplier"),
+        rope_freqs=metadata.rope_freqs,
+        from_gguf=True,
     )
     return _Source(
         label=str(path),
@@ -605,7 +615,8 @@ def _vllm(job: _Job) -> _Rendered:
     notes = _allow_context("vllm", overrides, rope, src, context)
     notes.append(
         "hf_overrides sets rope_parameters whole (not merged), so it carries rope_theta; the tokenizer's "
-        "model_max_length, when smaller, also caps max_model_len"
+        "model_max_length does not cap max_model_len (vLLM 0.32-0.33 reads it only for pooling models with "
+        "absolute position embeddings, vllm/config/model.py)"
     )
     python: dict[str, Any] = {"model": src.reference, "hf_overrides": overrides}
     command = ["vllm", "serve", src.reference, "--hf-overrides", _json(overrides)]
@@ -871,6 +882,7 @@ def export(
         if approximation is not None and not exported.is_dynamic and requested.is_dynamic:
             context = _context(exported, src, context_length) or context
     exported = exported.with_target(context, serving=True)
+    _check_frequency_factors(chosen, exported, src)
     if chosen.engine is not None:
         spelling = exported.spec.engines[chosen.engine]
         assert spelling.write is not None
@@ -898,6 +910,23 @@ def export(
         notes=tuple(notes),
         approximation=approximation,
         output=rendered.output,
+    )
+
+
+def _check_frequency_factors(chosen: Target, scaling: RopeScaling, src: _Source) -> None:
+    """Refuse to stack llama.cpp settings on a GGUF file's ``rope_freqs`` tensor (Llama 3.1's table).
+
+    llama.cpp divides each pair's angle by the tensor whatever the flags (ggml's rope), and applies
+    YaRN or linear scaling on top of the divided angles: only the llama3 settings the tensor stands
+    for (no flags) serve what yarn_rope computes.
+    """
+    if chosen.engine != "llama.cpp" or src.model.rope_freqs is None or scaling.method == "llama3":
+        return
+    raise ValueError(
+        f"{src.label} carries a {M.ROPE_FREQS_TENSOR} tensor (Llama 3.1's frequency factors), by which "
+        f"llama.cpp {M.LLAMACPP_RELEASE} divides each pair's angle whatever the flags: {_describe(scaling)} "
+        "would apply on top of it, and yarn_rope does not remove tensors. Serve the file's own llama3 "
+        "scaling (export it without settings), or convert the checkpoint again"
     )
 
 

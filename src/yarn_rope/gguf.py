@@ -22,6 +22,7 @@ from typing import Any
 
 from ._files import atomic_path
 from ._progress import progress_bar
+from .methods import ROPE_FREQS_TENSOR
 
 try:
     import fcntl
@@ -45,12 +46,16 @@ class GGUFMetadata:
         fields: every metadata key -> its value (strings, numbers, lists).
         tensor_elements: elements of all tensors (to size the weights in another dtype).
         tensor_count: number of tensors.
+        rope_freqs: the ``rope_freqs.weight`` tensor's values (the frequency factors llama.cpp
+            divides each pair's angle by: Llama 3.1's scaling, as convert_hf_to_gguf.py writes
+            it), ``None`` when the file has none.
     """
 
     path: Path
     fields: dict[str, Any]
     tensor_elements: int
     tensor_count: int
+    rope_freqs: tuple[float, ...] | None = None
 
     @property
     def architecture(self) -> str:
@@ -93,11 +98,30 @@ def read_metadata(path: str | os.PathLike[str]) -> GGUFMetadata:
         fields = {name: field.contents() for name, field in reader.fields.items()}
         tensors = list(reader.tensors)
         elements = sum(int(tensor.n_elements) for tensor in tensors)
+        rope_freqs = _rope_freqs(path, tensors)
     except (IndexError, ValueError, KeyError, OverflowError, EOFError, MemoryError) as error:
         raise ValueError(
             f"{path} is a truncated or corrupt GGUF file ({type(error).__name__}: {error}); download it again"
         ) from None
-    return GGUFMetadata(path=path, fields=fields, tensor_elements=elements, tensor_count=len(tensors))
+    return GGUFMetadata(
+        path=path, fields=fields, tensor_elements=elements, tensor_count=len(tensors), rope_freqs=rope_freqs
+    )
+
+
+def _rope_freqs(path: Path, tensors: list[Any]) -> tuple[float, ...] | None:
+    """The values of the ``rope_freqs.weight`` tensor (float32 or float16), if the file has one."""
+    from gguf import GGMLQuantizationType
+
+    for tensor in tensors:
+        if tensor.name != ROPE_FREQS_TENSOR:
+            continue
+        if tensor.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            raise ValueError(
+                f"{path}: tensor {ROPE_FREQS_TENSOR} is {tensor.tensor_type.name}, not F32 or F16 as "
+                "convert_hf_to_gguf.py writes it"
+            )
+        return tuple(float(value) for value in tensor.data.reshape(-1))
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

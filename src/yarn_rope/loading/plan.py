@@ -153,7 +153,7 @@ def _gguf_config(source: str, gguf_file: str) -> tuple[dict[str, Any], str, int]
     folder = Path(source)
     gguf_path = folder / gguf_file if folder.is_dir() else Path(gguf_file)
     metadata = gguf.read_metadata(gguf_path)
-    rope = M.from_gguf_metadata(metadata.fields)
+    rope = M.from_gguf_metadata(metadata.fields, rope_freqs=metadata.rope_freqs)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

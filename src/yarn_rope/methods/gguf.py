@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
 
 from .. import frequencies as F
 from . import get, validate
@@ -23,14 +25,20 @@ __all__ = [
     "GGUF_SCALING_KEYS",
     "GGUF_SETTINGS_KEY",
     "LLAMACPP_ARCH_KEYS",
+    "LLAMACPP_CONVERTED_ARCHS",
     "LLAMACPP_FLAGS",
     "LLAMACPP_NO_ROPE_ARCHS",
     "LLAMACPP_RELEASE",
     "LLAMACPP_SCALING_TYPES",
+    "ROPE_FREQS_TENSOR",
+    "converted_log_multiplier",
     "from_gguf_metadata",
+    "llama3_from_rope_freqs",
+    "llamacpp_architecture",
     "llamacpp_attention_base",
     "llamacpp_log_mscales",
     "lossless_dict",
+    "rope_freqs_difference",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +71,33 @@ LLAMACPP_ARCH_KEYS: dict[str, frozenset[str]] = {
 # Loaders that divide yarn_log_multiplier by 0.1: their converter writes 0.1 * mscale_all_dim
 # (llama.cpp [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX], PR #17945).
 _LOG_MULTIPLIER_IN_TENTHS = frozenset({"deepseek2", "deepseek32", "mistral4"})
+
+#: The GGUF architecture convert_hf_to_gguf.py gives a checkpoint, by ``config.architectures``, for
+#: the architectures whose rope keys llama.cpp reads its own way (``llama``: Llama and Mistral; the
+#: ones that read ``yarn_log_multiplier``, :data:`LLAMACPP_ARCH_KEYS`). conversion/llama.py,
+#: deepseek.py, mistral3.py.
+LLAMACPP_CONVERTED_ARCHS: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "DeepseekV2ForCausalLM": "deepseek2",
+    "DeepseekV3ForCausalLM": "deepseek2",
+    "KimiVLForConditionalGeneration": "deepseek2",
+    "DeepseekV32ForCausalLM": "deepseek32",
+    "Ministral3ForCausalLM": "mistral3",
+}
+# The same by model_type, for configs that do not list their architectures.
+_CONVERTED_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "deepseek_v2": "deepseek2",
+    "deepseek_v3": "deepseek2",
+    "deepseek_v32": "deepseek32",
+    "ministral3": "mistral3",
+}
+
+#: The tensor llama.cpp divides each pair's rotation angle by (``freq_factors`` of ggml's rope):
+#: convert_hf_to_gguf.py writes Llama 3.1's scaling there, never as ``rope.scaling.*`` keys.
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
 
 #: llama.cpp architectures without rotary position embeddings (learned or absolute positions,
 #: ALiBi, relative bias, recurrent): a rope scaling written into them would be read by nothing.
@@ -106,6 +141,28 @@ def llamacpp_log_mscales(arch: str | None, multiplier: float | None) -> tuple[fl
     return (all_dim if arch == "deepseek2" else 1.0), all_dim
 
 
+def llamacpp_architecture(config: Mapping[str, Any]) -> str | None:
+    """The GGUF architecture convert_hf_to_gguf.py gives a checkpoint with this ``config.json``,
+    where it matters to the rope keys (:data:`LLAMACPP_CONVERTED_ARCHS`); else ``None``."""
+    names = config.get("architectures") or ()
+    for name in names if isinstance(names, (list, tuple)) else ():
+        if name in LLAMACPP_CONVERTED_ARCHS:
+            return LLAMACPP_CONVERTED_ARCHS[name]
+    model_type = config.get("model_type")
+    return _CONVERTED_MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+
+
+def converted_log_multiplier(arch: str | None, rope: Mapping[str, Any] | None) -> float | None:
+    """The ``rope.scaling.yarn_log_multiplier`` convert_hf_to_gguf.py writes from a rope dict:
+    ``0.1 * mscale_all_dim`` for the deepseek2-style loaders, ``mscale_all_dim`` for mistral3."""
+    if arch not in LLAMACPP_ARCH_KEYS["yarn_log_multiplier"] or not rope:
+        return None
+    all_dim = rope.get("mscale_all_dim")
+    if all_dim is None:
+        return None
+    return 0.1 * float(all_dim) if arch in _LOG_MULTIPLIER_IN_TENTHS else float(all_dim)
+
+
 def llamacpp_attention_base(factor: float, arch: str | None, multiplier: float | None) -> float:
     """What llama.cpp multiplies cos/sin by under YaRN when the GGUF ``attn_factor`` is 1.
 
@@ -131,7 +188,89 @@ def lossless_dict(method: str, settings: Settings) -> dict[str, Any]:
     return out
 
 
-def from_gguf_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+def llama3_from_rope_freqs(rope_freqs: Sequence[float], base: float) -> dict[str, Any] | None:
+    """Llama 3.1's settings whose table is plain RoPE divided by ``rope_freqs``, else ``None``.
+
+    convert_hf_to_gguf.py writes, per pair of wavelength ``w``: 1 below ``L / high_freq_factor``,
+    ``factor`` beyond ``L / low_freq_factor``, ``1 / ((1 - t) / factor + t)`` between, with
+    ``t = (L / w - low) / (high - low)``; llama.cpp divides each pair's angle by it (ggml's rope,
+    ``theta / freq_factor``). The table depends on ``L / low`` and ``L / high`` only, so
+    ``low_freq_factor`` is read as 1 (as in every Llama 3.x). The factors on the ramp (two at
+    least) give the rest; the settings found must give ``rope_freqs`` back to float32 rounding.
+
+    Args:
+        rope_freqs: the tensor, one factor per rotated pair (``[rotary_dim // 2]``).
+        base: the file's ``rope.freq_base``.
+    """
+    factors = torch.tensor([float(value) for value in rope_freqs], dtype=torch.float64)
+    dim = 2 * len(factors)
+    factor = float(factors.max()) if len(factors) else 1.0
+    if factor <= 1.0 or not torch.isfinite(factors).all() or float(factors.min()) < 1.0 - 1e-6:
+        return None
+    plain = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    wavelength = 2 * math.pi / plain.double()
+    ramp = (factors > 1.0 + 1e-6) & (factors < factor * (1.0 - 1e-6))
+    if int(ramp.sum()) < 2:
+        return None
+    # t = a / w + b on the ramp, with a = L / (high - low) and b = -low / (high - low).
+    t = (1.0 / factors[ramp] - 1.0 / factor) / (1.0 - 1.0 / factor)
+    x = 1.0 / wavelength[ramp]
+    design = torch.stack([x, torch.ones_like(x)], dim=1)
+    a, b = (float(v) for v in torch.linalg.lstsq(design, t.unsqueeze(1)).solution.squeeze(1))
+    if b >= 0.0 or a <= 0.0:
+        return None
+    span = -1.0 / b
+    found = {
+        "factor": factor,
+        "original_max_position_embeddings": round(a * span),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": round(1.0 + span, 6),
+    }
+    return found if rope_freqs_difference(rope_freqs, base, found) <= ROPE_FREQS_TOLERANCE else None
+
+
+#: Largest relative difference between a ``rope_freqs`` tensor and a llama3 table's ratio to plain
+#: RoPE for the two to be the same (float32 rounding of the converter's and yarn_rope's tables).
+ROPE_FREQS_TOLERANCE = 1e-5
+
+
+def rope_freqs_difference(rope_freqs: Sequence[float], base: float, settings: Mapping[str, Any]) -> float:
+    """Largest relative difference between ``rope_freqs`` and what convert_hf_to_gguf.py writes for
+    the llama3 ``settings`` (factor, original_max_position_embeddings, low/high_freq_factor): the
+    plain table's ratio to the llama3 one, per pair."""
+    factors = torch.tensor([float(value) for value in rope_freqs], dtype=torch.float64)
+    dim = 2 * len(factors)
+    names = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")
+    table = F.llama3_inv_freq(dim, base=base, **{name: settings[name] for name in names}).double()
+    ratio = F.default_inv_freq(dim, base=base).double() / table
+    return float(((ratio - factors).abs() / factors).max())
+
+
+def _frequency_factor_scaling(
+    metadata: Mapping[str, Any], arch: str, scaling: dict[str, Any] | None, rope_freqs: Sequence[float]
+) -> dict[str, Any]:
+    """The llama3 rope dict a file's ``rope_freqs`` tensor stands for (:func:`llama3_from_rope_freqs`)."""
+    if scaling is not None:
+        raise ValueError(
+            f"GGUF {arch}: a {ROPE_FREQS_TENSOR} tensor and {arch}.rope.scaling.type={scaling['type']!r}: "
+            f"llama.cpp {LLAMACPP_RELEASE} applies both (it divides each pair's angle by the tensor, then "
+            "scales it), which no method of yarn_rope computes"
+        )
+    base = float(metadata.get(f"{arch}.rope.freq_base", 10000.0))  # llama.cpp's default base
+    found = llama3_from_rope_freqs(rope_freqs, base)
+    if found is None:
+        raise ValueError(
+            f"GGUF {arch}: its {ROPE_FREQS_TENSOR} tensor ({len(rope_freqs)} factors, largest "
+            f"{max(rope_freqs, default=1.0):g}) is not Llama 3.1's table for base {base:g} (what "
+            "convert_hf_to_gguf.py writes from rope_scaling llama3): yarn_rope cannot tell which scaling "
+            "llama.cpp computes from it"
+        )
+    return {"rope_type": "llama3", **found}
+
+
+def from_gguf_metadata(
+    metadata: Mapping[str, Any], *, rope_freqs: Sequence[float] | None = None
+) -> dict[str, Any]:
     """A ``config.json``-like dict of the rope settings in GGUF metadata, as llama.cpp reads them.
 
     * ``yarn_log_multiplier`` is DeepSeek's ``mscale_all_dim`` (not YaRN's temperature slope),
@@ -142,10 +281,18 @@ def from_gguf_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
       *replacement*) or the authors' ``attn_factor`` (a *multiplier*) there alike.
     * a :data:`GGUF_SETTINGS_KEY` written by :func:`yarn_rope.export` gives the exact settings,
       when it agrees with llama.cpp's own keys (else it is ignored with a warning).
+    * a ``rope_freqs`` tensor (Llama 3.1 converted by convert_hf_to_gguf.py, which writes no
+      scaling key) is read as the ``llama3`` settings it stands for
+      (:func:`llama3_from_rope_freqs`).
 
     Args:
         metadata: GGUF key -> value (``general.architecture``, ``{arch}.context_length``,
             ``{arch}.rope.freq_base``, ``{arch}.rope.scaling.*``).
+        rope_freqs: the file's :data:`ROPE_FREQS_TENSOR`, if it has one.
+
+    Raises:
+        ValueError: no architecture; a ``rope_freqs`` tensor that is not Llama 3.1's table, or
+            one beside a scaling type (llama.cpp would apply both).
 
     Returns:
         ``{"max_position_embeddings", "rope_theta", "rope_scaling"}`` (``rope_scaling`` is
@@ -190,7 +337,9 @@ def from_gguf_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
                 multiplier,
                 ", ".join(sorted(LLAMACPP_ARCH_KEYS["yarn_log_multiplier"])),
             )
-    stored = _stored_settings(metadata, arch, scaling)
+    if rope_freqs is not None:
+        scaling = _frequency_factor_scaling(metadata, arch, scaling, rope_freqs)
+    stored = _stored_settings(metadata, arch, scaling, rope_freqs)
     out: dict[str, Any] = {"rope_scaling": stored if stored is not None else scaling}
     context = metadata.get(f"{arch}.context_length")
     if context is not None:
@@ -202,7 +351,7 @@ def from_gguf_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _stored_settings(
-    metadata: Mapping[str, Any], arch: str, read: dict[str, Any] | None
+    metadata: Mapping[str, Any], arch: str, read: dict[str, Any] | None, rope_freqs: Sequence[float] | None
 ) -> dict[str, Any] | None:
     """The exact settings of :data:`GGUF_SETTINGS_KEY` if they agree with llama.cpp's keys."""
     text = metadata.get(GGUF_SETTINGS_KEY)
@@ -216,7 +365,11 @@ def _stored_settings(
         if spelled.write is None or spelled.loses(values) is not None:
             raise ValueError(f"llama.cpp cannot compute method {method!r}")
         model = ServeModel(
-            architecture=arch, log_multiplier=metadata.get(f"{arch}.rope.scaling.yarn_log_multiplier")
+            rope_theta=metadata.get(f"{arch}.rope.freq_base"),
+            architecture=arch,
+            log_multiplier=metadata.get(f"{arch}.rope.scaling.yarn_log_multiplier"),
+            rope_freqs=None if rope_freqs is None else tuple(rope_freqs),
+            from_gguf=True,
         )
         keys = spelled.write(values, model).rope
     except (ValueError, TypeError, KeyError, AttributeError) as error:

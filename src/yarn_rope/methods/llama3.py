@@ -8,6 +8,7 @@ from typing import Any
 from .. import frequencies as F
 from . import register
 from . import spec as S
+from .gguf import ROPE_FREQS_TENSOR, ROPE_FREQS_TOLERANCE, rope_freqs_difference
 from .settings import Settings
 
 
@@ -34,29 +35,36 @@ def _llama3(s: Settings, model: S.ServeModel) -> S.EngineSettings:
     return S.EngineSettings(_write_llama3(s))
 
 
-def _llamacpp_llama3_loses(s: Settings) -> str | None:
-    return (
-        "llama.cpp applies llama3 scaling through a rope_freqs tensor that convert_hf_to_gguf.py writes "
-        "into the GGUF file; no flag or metadata key spells it, and yarn_rope does not add tensors"
-    )
+_LLAMACPP_LLAMA3 = (
+    "llama3 needs no flag: llama.cpp divides each pair's angle by the GGUF tensor rope_freqs.weight (ggml's "
+    "rope: theta / freq_factor), which convert_hf_to_gguf.py writes from rope_scaling llama3 as this table's "
+    "ratio to plain RoPE"
+)
 
 
-def _llama3_closest(s: Settings, context: int | None) -> tuple[tuple[str, dict[str, Any]], ...]:
-    # Llama 3.1 keeps wavelengths below L / high_freq_factor and divides those beyond L / low_freq_factor:
-    # YaRN's ramp between pairs turning beta_fast = high and beta_slow = low times over L, without
-    # attention scaling (its ramp is linear in the pair index, llama3's in the rotation count).
-    return (
-        (
-            "yarn",
-            {
-                "factor": s["factor"],
-                "original_max_position_embeddings": s["original_max_position_embeddings"],
-                "beta_fast": s["high_freq_factor"],
-                "beta_slow": s["low_freq_factor"],
-                "attention_factor": 1.0,
-            },
-        ),
-    )
+def _llamacpp_llama3(s: Settings, model: S.ServeModel) -> S.EngineSettings:
+    """No keys: the table is in the converted file's ``rope_freqs`` tensor, checked when it is known."""
+    if not model.from_gguf:
+        return S.EngineSettings(
+            {}, notes=(_LLAMACPP_LLAMA3 + "; a GGUF file without that tensor serves plain RoPE",)
+        )
+    if model.rope_freqs is None:
+        raise ValueError(
+            f"llama.cpp applies llama3 scaling only through a {ROPE_FREQS_TENSOR} tensor, and this GGUF "
+            "file has none: it would serve plain RoPE, and no flag or metadata key spells llama3 (yarn_rope "
+            "does not add tensors); convert the checkpoint with convert_hf_to_gguf.py, which writes it from "
+            "rope_scaling llama3"
+        )
+    base = model.rope_theta if model.rope_theta is not None else 10000.0  # llama.cpp's default base
+    difference = rope_freqs_difference(model.rope_freqs, base, s)
+    if difference > ROPE_FREQS_TOLERANCE:
+        raise ValueError(
+            f"the GGUF file's {ROPE_FREQS_TENSOR} tensor is not this llama3 table (factor={s['factor']:g}, "
+            f"original={s['original_max_position_embeddings']}, low_freq_factor={s['low_freq_factor']:g}, "
+            f"high_freq_factor={s['high_freq_factor']:g}; largest relative difference {difference:.3g}): "
+            "llama.cpp applies the file's, whatever the flags; export the file's own settings"
+        )
+    return S.EngineSettings({}, notes=(_LLAMACPP_LLAMA3 + "; the file's tensor matches",))
 
 
 register(
@@ -80,7 +88,7 @@ register(
         engines={
             "vllm": S.EngineSpelling(_llama3, S._exact),
             "sglang": S.EngineSpelling(_llama3, S._exact),
-            "llama.cpp": S.EngineSpelling(None, _llamacpp_llama3_loses, _llama3_closest),
+            "llama.cpp": S.EngineSpelling(_llamacpp_llama3, S._exact),
         },
     )
 )

@@ -194,14 +194,24 @@ class ServeModel:
     Attributes:
         rope_theta: the model's RoPE base (NTK-aware scaling is served as a new base).
         rotary_dim: the rotated dimensions per head (head dim times the partial-rotary fraction).
-        architecture: GGUF ``general.architecture`` of the file llama.cpp serves.
-        log_multiplier: that file's ``rope.scaling.yarn_log_multiplier`` (DeepSeek), if any.
+        architecture: GGUF ``general.architecture`` of the file llama.cpp serves (for a
+            checkpoint: the one ``convert_hf_to_gguf.py`` gives it).
+        log_multiplier: that file's ``rope.scaling.yarn_log_multiplier`` (DeepSeek), if any (for a
+            checkpoint: what the converter writes).
+        architectures: the checkpoint's ``config.architectures`` (vLLM picks its model file by
+            them; DeepSeek's rewrites the rope type).
+        rope_freqs: the GGUF file's ``rope_freqs.weight`` tensor (Llama 3.1's frequency factors),
+            by which llama.cpp divides each pair's angle; ``None``: the file has none.
+        from_gguf: whether the source is a GGUF file (so a missing ``rope_freqs`` is known missing).
     """
 
     rope_theta: float | None = None
     rotary_dim: int | None = None
     architecture: str | None = None
     log_multiplier: float | None = None
+    architectures: tuple[str, ...] = ()
+    rope_freqs: tuple[float, ...] | None = None
+    from_gguf: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ by the factor, low frequencies), and the attention scaling ``0.1 ln s + 1``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -160,7 +161,57 @@ def _yarn_rope_keys(s: Settings) -> dict[str, Any]:
     }
 
 
+#: vLLM model classes whose model file (model_executor/models/deepseek_v2.py, 0.32.0 and 0.33.0) turns
+#: any rope type but "default" into deepseek_yarn, or deepseek_llama_scaling when
+#: ``attention_factor == 1.0``.
+_VLLM_DEEPSEEK = frozenset({"DeepseekForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"})
+
+
+def _vllm_deepseek_yarn(s: Settings, model: S.ServeModel) -> S.EngineSettings:
+    """YaRN for vLLM's DeepSeek models: ``DeepseekScalingRotaryEmbedding`` reads beta_fast, beta_slow,
+    mscale (default 1) and mscale_all_dim (default 0) only, and multiplies cos/sin by
+    ``get_mscale(s, mscale) / get_mscale(s, mscale_all_dim)`` (deepseek_scaling_rope.py); the model
+    multiplies its softmax scale by ``get_mscale(s, mscale_all_dim) ** 2``. So the attention scaling
+    is spelled through ``mscale`` alone, ``mscale_all_dim`` left as the model states it, and
+    ``attention_factor`` never written."""
+    factor = s["factor"]
+    if not s["truncate"]:
+        raise ValueError(
+            "truncate=False: vLLM's DeepSeek rope (deepseek_scaling_rope.py) always floors and ceils the "
+            "ramp bounds, so the fractional bounds would be rounded"
+        )
+    rope = _yarn_rope_keys(s)
+    all_dim = s["mscale_all_dim"]
+    if all_dim is not None:
+        rope["mscale_all_dim"] = all_dim
+    denominator = F.yarn_mscale(factor, all_dim or 0.0)
+    stated = s["mscale"] if s["mscale"] is not None else 1.0
+    target = yarn_attention_scaling(s, factor)
+    notes = [
+        "vLLM's deepseek_v2.py serves rope_type yarn as deepseek_yarn, which reads no attention_factor (and "
+        "attention_factor = 1.0 would switch it to deepseek_llama_scaling, without the softmax temperature)"
+    ]
+    if math.isclose(F.yarn_mscale(factor, stated) / denominator, target, rel_tol=1e-15, abs_tol=0.0):
+        if s["mscale"] is not None:
+            rope["mscale"] = s["mscale"]
+        return S.EngineSettings(rope, notes=tuple(notes))
+    if factor <= 1.0:
+        raise ValueError(
+            f"vLLM's DeepSeek rope multiplies cos/sin by 1 at factor {factor:g} (get_mscale is 1 for "
+            f"s <= 1), so the attention scaling {_attention_formula(s, factor)} cannot be spelled"
+        )
+    rope["mscale"] = (target * denominator - 1.0) / (0.1 * math.log(factor))
+    notes.append(
+        f"mscale = {rope['mscale']:.9g}, so that get_mscale(s, mscale) / get_mscale(s, mscale_all_dim) gives "
+        f"{_attention_formula(s, factor)}; mscale_all_dim, which also sets the softmax scale, is left as "
+        "stated"
+    )
+    return S.EngineSettings(rope, notes=tuple(notes))
+
+
 def _vllm_yarn(s: Settings, model: S.ServeModel) -> S.EngineSettings:
+    if _VLLM_DEEPSEEK.intersection(model.architectures):
+        return _vllm_deepseek_yarn(s, model)
     factor = s["factor"]
     rope = _yarn_rope_keys(s)
     if not s["truncate"]:
