@@ -25,7 +25,19 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from . import _common, demo, evaluate, export, finetune, frequencies, harness, inspection, report, ruler
+from . import (
+    _common,
+    demo,
+    evaluate,
+    export,
+    finetune,
+    frequencies,
+    harness,
+    inspection,
+    report,
+    ruler,
+    verify,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -56,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.register(commands)
     finetune.register(commands)
     export.register(commands)
+    verify.register(commands)
     return parser
 
 
