@@ -707,10 +707,9 @@ def verify(
         angles=angles,
         progress=progress,
     )
-    # BOS put in front shifts every position by one: the band edge moves with it.
-    offset = len(sequence) - len(ids)
+    # Bands by position in the scored ids: a BOS put in front holds position 0 like any token.
     bands = compare_bands(
-        server, reference, plain, original_max_position_embeddings=original + offset, tolerance=tolerance
+        server, reference, plain, original_max_position_embeddings=original, tolerance=tolerance
     )
     applied, verdict = decide(bands, chosen, tolerance)
     return VerifyResult(
