@@ -35,6 +35,7 @@ from .loading import LoadPlan, from_pretrained, plan_load
 from .methods import METHODS, MethodSpec, inv_freq
 from .patch import PatchInfo, UnsupportedModelError, patch, patch_info, patched, unpatch, unpatched
 from .rotary import RotaryEmbedding
+from .verify import VerifyResult, verify
 
 try:
     __version__ = version("yarn-rope")
@@ -52,6 +53,7 @@ __all__ = [
     "RotaryEmbedding",
     "UnsupportedCacheError",
     "UnsupportedModelError",
+    "VerifyResult",
     "__version__",
     "default_inv_freq",
     "dynamic_factor",
@@ -71,6 +73,7 @@ __all__ = [
     "rotary_dim",
     "unpatch",
     "unpatched",
+    "verify",
     "yarn_attention_scaling",
     "yarn_inv_freq",
     "yarn_mscale",

@@ -11,6 +11,7 @@ One module per command, each with a ``register(subparsers)`` function:
 - ``report``: ``yarn-rope report RESULTS...``, result files into one Markdown report;
 - ``finetune``: ``yarn-rope finetune``, training through a context extension;
 - ``export``: ``yarn-rope export SOURCE --to ...``, the exact settings per serving engine.
+- ``verify``: ``yarn-rope verify URL --model SOURCE``, does a running server apply the scaling.
 
 Helpers they share live in ``_common``; ``_flags`` generates the flags of the scaling settings
 (from the registry's ``SETTINGS``) and of the fine-tuning recipe (from its fields).
@@ -25,7 +26,19 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from . import _common, demo, evaluate, export, finetune, frequencies, harness, inspection, report, ruler
+from . import (
+    _common,
+    demo,
+    evaluate,
+    export,
+    finetune,
+    frequencies,
+    harness,
+    inspection,
+    report,
+    ruler,
+    verify,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -56,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.register(commands)
     finetune.register(commands)
     export.register(commands)
+    verify.register(commands)
     return parser
 
 
