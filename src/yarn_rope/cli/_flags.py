@@ -166,6 +166,14 @@ def given_settings(args: argparse.Namespace, names: Iterable[str] | None = None)
     return {name: value for name, value in values.items() if value is not None}
 
 
+def given_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`given_settings` plus ``method`` when ``--method`` was given (checked: one line naming it)."""
+    settings = given_settings(args)
+    if getattr(args, "method", None) is not None:
+        settings["method"] = M.check_method(args.method)
+    return settings
+
+
 # ------------------------------------------------------------------------------------------------
 # A dataclass's fields (the fine-tuning recipe)
 # ------------------------------------------------------------------------------------------------

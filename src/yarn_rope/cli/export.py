@@ -49,9 +49,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _check_args(args)
     from ..export import export
 
-    settings = _flags.given_settings(args)
-    if args.method is not None:
-        settings["method"] = args.method
+    settings = _flags.given_scaling(args)
     result = export(
         args.source,
         args.to,

@@ -29,9 +29,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     common.check_outputs(args)  # --json: before the server is asked anything
     from ..verify import verify
 
-    settings = _flags.given_settings(args)
-    if args.method is not None:
-        settings["method"] = args.method
+    settings = _flags.given_scaling(args)
     result = verify(
         args.url,
         args.model,
