@@ -45,7 +45,9 @@ def score(engine: dict[str, Any], ids: list[int]) -> dict[str, Any]:
     scored = time.perf_counter()
     logprobs = output.prompt_logprobs
     if logprobs is None or len(logprobs) != len(ids):
-        raise RuntimeError(f"vLLM returned {None if logprobs is None else len(logprobs)} prompt logprobs for {len(ids)} ids")
+        raise RuntimeError(
+            f"vLLM returned {None if logprobs is None else len(logprobs)} prompt logprobs for {len(ids)} ids"
+        )
     nll = [-entry[token].logprob for entry, token in zip(logprobs[1:], ids[1:], strict=True)]
     llm.llm_engine.engine_core.shutdown()
     del llm, output
