@@ -33,7 +33,6 @@ import gc
 import json
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,11 @@ import numpy as np
 import pytest
 
 import yarn_rope
+from vllm_scorer import run_scorer
 from yarn_rope.export import export
 from yarn_rope.loading import CODE_FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
-SCORER = Path(__file__).resolve().parent / "vllm_scorer.py"
 
 ORIGINAL = 8192  # SmolLM2's trained context: the bands split here
 PLAIN_TOKENS = 4096
@@ -226,32 +225,14 @@ def _runs(folder: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
 @pytest.fixture(scope="module")
 def scored(smollm2: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """vLLM's per-token NLLs for every run of :func:`_runs`, from one scorer process."""
-    scratch = tmp_path_factory.mktemp("vllm-job")
     runs, environment = _runs(smollm2["folder"])
-    job, out = scratch / "job.json", scratch / "out.json"
-    job.write_text(json.dumps({"ids": smollm2["ids"], "engine": ENGINE, "runs": runs}), encoding="utf-8")
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
-        # vLLM keeps one core back by default; the test wants them all.
-        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get(
-            "VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}"
-        ),
-        **environment,
-    }
-    env.pop("PYTHONPATH", None)  # vLLM's venv, not yarn_rope's sources
-    started = time.perf_counter()
-    result = subprocess.run(
-        [str(smollm2["python"]), str(SCORER), str(job), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=scratch,
-        timeout=3600,
-    )
-    assert result.returncode == 0, f"the vLLM scorer failed:\n{result.stderr[-5000:]}"
-    report = json.loads(out.read_text(encoding="utf-8"))
-    report["scorer_s"] = time.perf_counter() - started
+    job = {"ids": smollm2["ids"], "engine": ENGINE, "runs": runs}
+    try:
+        report = run_scorer(
+            smollm2["python"], job, tmp_path_factory.mktemp("vllm-job"), environment=environment
+        )
+    except RuntimeError as error:
+        pytest.fail(str(error))
     report["settings"] = {run["name"]: run["engine"] for run in runs}
     return report
 

@@ -20,13 +20,16 @@ saves the imports. OUT.json::
                                       "load_s": engine load seconds, "score_s": scoring seconds}}}
 
 The engine spawns its workers, hence the ``__main__`` guard. On a CPU build set
-``VLLM_CPU_KVCACHE_SPACE`` (GiB) and ``VLLM_CPU_OMP_THREADS_BIND`` in the environment.
+``VLLM_CPU_KVCACHE_SPACE`` (GiB) and ``VLLM_CPU_OMP_THREADS_BIND`` in the environment;
+:func:`run_scorer` (for callers in yarn_rope's venv) does, and runs the job.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,6 +56,44 @@ def score(engine: dict[str, Any], ids: list[int]) -> dict[str, Any]:
     del llm, output
     gc.collect()
     return {"nll": nll, "load_s": loaded - start, "score_s": scored - loaded}
+
+
+def run_scorer(
+    python: str | os.PathLike[str],
+    job: dict[str, Any],
+    scratch: Path,
+    *,
+    environment: dict[str, str] | None = None,
+    timeout: float = 3600,
+) -> dict[str, Any]:
+    """Run this script with ``python`` (vLLM's venv) on ``job``; its OUT.json plus ``scorer_s``.
+
+    The environment is the caller's, without ``PYTHONPATH`` (vLLM's venv, not yarn_rope's sources),
+    with a 4 GiB CPU KV cache and every core bound unless already set, then ``environment`` (the
+    variables an export asks for). A failed run raises ``RuntimeError`` with the scorer's stderr.
+    """
+    job_path, out_path = scratch / "vllm-job.json", scratch / "vllm-out.json"
+    job_path.write_text(json.dumps(job), encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")  # vLLM keeps one back
+    env.update(environment or {})
+    started = time.perf_counter()
+    result = subprocess.run(
+        [os.fspath(python), __file__, str(job_path), str(out_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=scratch,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"the vLLM scorer failed (exit status {result.returncode}):\n{result.stderr[-5000:]}"
+        )
+    report: dict[str, Any] = json.loads(out_path.read_text(encoding="utf-8"))
+    report["scorer_s"] = time.perf_counter() - started
+    return report
 
 
 def main(job_path: str, out_path: str) -> int:
