@@ -44,6 +44,7 @@ import yarn_rope
 from vllm_scorer import run_scorer
 from yarn_rope.export import export
 from yarn_rope.loading import CODE_FAMILIES
+from yarn_rope.methods import ENGINES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,7 +275,9 @@ def comparisons(smollm2: dict[str, Any], scored: dict[str, Any]) -> dict[str, li
 
 @pytest.mark.slow
 def test_the_engine_ran_the_exported_settings_verbatim(smollm2, scored):
-    assert scored["vllm"].startswith("0.32")
+    # The release served here is the one the export's vLLM row says was run (a new venv: a new row).
+    row = ENGINES["vllm"]
+    assert scored["vllm"] in f"{row.release} {row.checked}", (scored["vllm"], row)
     assert scored["settings"]["yarn"] == export(smollm2["folder"], "vllm", factor=2.0).python
     assert {name: len(run["nll"]) for name, run in scored["runs"].items()} == {
         "plain": YARN_TOKENS - 1,
