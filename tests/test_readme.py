@@ -101,6 +101,10 @@ SKIPPED: dict[Key, str] = {
         "and figures are checked against docs/runs/demo.json (test_demo_table_is_docs_demo_json)"
     ),
     (README, r"^\.venv/bin/python -m pytest$"): "the test suite itself",
+    (EXPORT, r"^\.venv/bin/yarn-rope verify http://127\.0\.0\.1:8000 --model path/to/model"): (
+        "needs a running server and the reader's model: tests/test_verify.py starts vLLM's and "
+        "llama-cpp-python's servers on 127.0.0.1 and runs `yarn-rope verify` against each, right and wrong"
+    ),
     (README, r"^\.venv/bin/yarn-rope finetune --data notes\.txt"): (
         "needs the reader's notes.txt and minutes of training on SmolLM2; tests/test_finetune.py drives "
         "`yarn-rope finetune` on a tiny model"
