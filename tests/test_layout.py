@@ -30,6 +30,7 @@ LAYERS = [
     "loading",
     "export",
     "eval",
+    "verify",
     "finetune",
     "cli",
 ]
