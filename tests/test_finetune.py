@@ -258,6 +258,84 @@ class TestRecipe:
 
 
 # ------------------------------------------------------------------------------------------------
+# The loss in slices
+
+
+class TestChunkedLoss:
+    """``causal_lm_loss`` against ``model(ids, labels=ids).loss.backward()``: same loss and gradients."""
+
+    @staticmethod
+    def losses_and_grads(model, batch, *, chunk_size, autocast=False):
+        from yarn_rope.finetune.loss import causal_lm_loss
+
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = causal_lm_loss(model, batch, chunk_size=chunk_size)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    @staticmethod
+    def batch(vocab, rows=2, length=48):
+        ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(1))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def compare(self, model, *, tolerance=1e-5, autocast=False, chunk_size=7):
+        batch = self.batch(model.config.vocab_size)
+        full_loss, full = self.losses_and_grads(model, batch, chunk_size=0, autocast=autocast)
+        loss, chunked = self.losses_and_grads(model, batch, chunk_size=chunk_size, autocast=autocast)
+        assert full.keys() == chunked.keys() and full
+        torch.testing.assert_close(loss, full_loss, rtol=tolerance, atol=tolerance)
+        for name, grad in full.items():
+            torch.testing.assert_close(chunked[name], grad, rtol=tolerance, atol=tolerance, msg=name)
+
+    def test_same_loss_and_gradients_as_the_full_logits(self, tiny):
+        model, _ = load(tiny)
+        batch = self.batch(model.config.vocab_size)
+        model.zero_grad()
+        model(**batch).loss.backward()  # transformers' own loss, the reference
+        reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+        _, chunked = self.losses_and_grads(model, batch, chunk_size=7)
+        for name, grad in reference.items():
+            torch.testing.assert_close(chunked[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+    def test_the_head_never_sees_more_than_a_slice(self, tiny):
+        from yarn_rope.finetune.loss import causal_lm_loss
+
+        model, _ = load(tiny)
+        rows = []
+        model.get_output_embeddings().register_forward_hook(
+            lambda m, a, out: rows.append(out.shape[:-1].numel())
+        )
+        causal_lm_loss(model, self.batch(model.config.vocab_size), chunk_size=16).backward()
+        assert rows and max(rows) == 16  # 96 positions: 6 slices, each recomputed in the backward
+        assert len([r for r in rows if r]) == 12
+
+    def test_with_gradient_checkpointing(self, tiny):
+        model, _ = load(tiny)
+        yarn_rope._compat.set_activation_checkpointing(model, True)
+        model.train()
+        self.compare(model)
+
+    def test_with_lora(self, tiny):
+        pytest.importorskip("peft")
+        from yarn_rope.finetune.trainer import _add_lora
+
+        model, _ = load(tiny)
+        recipe = FinetuneRecipe(lora=True, lora_dropout=0.0, lora_train=("embeddings", "norms"))
+        self.compare(_add_lora(model, recipe))
+
+    def test_with_mixed_precision(self, tiny):
+        model, _ = load(tiny)
+        self.compare(model, tolerance=2e-2, autocast=True)  # bf16's own rounding, both sides
+
+    def test_a_run_with_slices_logs_the_losses_of_one_without(self, tiny, tmp_path):
+        whole = run_quick(tiny, tmp_path / "a", recipe={"loss_chunk_size": 0})
+        sliced = run_quick(tiny, tmp_path / "b", recipe={"loss_chunk_size": 24})
+        assert sliced.losses == pytest.approx(whole.losses, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
 # Training
 
 

@@ -54,6 +54,7 @@ from .._files import write_json
 from .._progress import progress_bar
 from ..config import RopeScaling
 from .data import PackedData, PackedSequences, _checked_ids, prepare_data
+from .loss import causal_lm_loss
 from .recipe import FinetuneRecipe
 
 __all__ = [
@@ -424,6 +425,16 @@ def original_context(model_or_config: Any) -> int:
     return value
 
 
+def plain_rope_warning(seq_len: int, original: int) -> str:
+    """What a plain-RoPE run beyond the original context is: a control, not an extension."""
+    return (
+        f"method 'none' with seq_len={seq_len} beyond the model's context {original}: this trains plain "
+        "RoPE at positions it never saw, with no scaling. That is the control of an extension study "
+        "(how much does fine-tuning alone extend the context?), not a context extension; choose a "
+        "method and a factor to extend"
+    )
+
+
 def _compare_run(checkpoint: Path, recipe: FinetuneRecipe, fingerprint: str, processes: int) -> int:
     with open(checkpoint / RUN_FILE, encoding="utf-8") as handle:
         saved = json.load(handle)
@@ -634,17 +645,14 @@ class FinetuneRun:
             the resolved recipe (also :attr:`recipe`).
 
         Raises:
-            ValueError: ``seq_len`` beyond the scaled context, or beyond the model's context with
-                method ``none``.
+            ValueError: ``seq_len`` beyond the scaled context. With method ``none`` a ``seq_len``
+                beyond the model's context is allowed, with a warning (:func:`plain_rope_warning`).
         """
         recipe = self.recipe.resolve(original_context(model_or_config))
         seq_len, original = recipe.seq_len, recipe.original_max_position_embeddings
         assert seq_len is not None and original is not None
         if recipe.method == "none" and seq_len > original:
-            raise ValueError(
-                f"seq_len={seq_len} is beyond the model's context {original} and method 'none' scales "
-                "nothing: choose a method and factor, or shorten seq_len"
-            )
+            logger.warning(plain_rope_warning(seq_len, original))
         self.recipe = recipe
         self.lengths = [seq_len] if self._eval_lengths is None else self._eval_lengths
         self.vocab_size = _vocabulary(model_or_config)
@@ -879,7 +887,7 @@ class FinetuneRun:
         for _ in range(recipe.gradient_accumulation):
             batch = next(self._batches)
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = causal_lm_loss(model, batch, chunk_size=recipe.loss_chunk_size)
                 accelerator.backward(loss)
                 total += loss.detach().float()
                 if accelerator.sync_gradients:
