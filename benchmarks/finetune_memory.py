@@ -1,0 +1,211 @@
+"""Peak memory of one fine-tuning step: the loss in slices against the full logits.
+
+Run: .venv/bin/python benchmarks/finetune_memory.py [--lengths 2048 4096 8192 16384] [--json OUT]
+
+One training step as :class:`yarn_rope.finetune.FinetuneRun` takes it: SmolLM2-135M-Instruct in
+float32 (sdpa), gradient checkpointing on, forward, backward and an AdamW step, on the first
+``length`` tokens of ``_pydecimal.py`` (YaRN patched at factor ``length / 8192`` past the trained
+context, both arms alike). Two arms:
+
+* ``sliced``: :func:`yarn_rope.finetune.loss.causal_lm_loss` with 1,024 positions at a time (the
+  trainer's default ``loss_chunk_size``): the LM head and cross-entropy run slice by slice, each
+  slice's logits recomputed in the backward pass;
+* ``full``: ``model(ids, labels=ids).loss.backward()``: transformers builds the ``[1, length,
+  49152]`` logits, upcasts them and runs cross-entropy (0.2 MB per token per float32 copy).
+
+Each measurement runs in a fresh process; its peak is the process's resident high-water mark
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``: loading, the step and everything in between), and
+the step's own share is that peak minus the resident size right before the step. The headline is
+full / sliced whole-process peak at the longest length (goal >= 3x at 16k, and the sliced peak
+growing linearly with the length). Both arms compute the same loss; the table shows both.
+
+Expect about 20 minutes on 2 CPU cores for the default lengths (16k: several minutes per arm).
+``--model tiny`` uses a small random Llama with a 4,096-token vocabulary at 256 tokens (what the
+test suite runs, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _common import finish, table
+
+TRAINED = 8192
+ARMS = ("sliced", "full")
+CHUNK = 1024
+
+
+def load(kind: str) -> tuple[torch.nn.Module, torch.Tensor, int]:
+    """(model, token ids of the corpus, trained context)."""
+    if kind == "tiny":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=4096,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
+        torch.manual_seed(0)
+        ids = torch.randint(0, config.vocab_size, (1 << 14,), generator=torch.Generator().manual_seed(0))
+        return LlamaForCausalLM(config), ids, 256
+    from yarn_rope.eval import load_default_model
+
+    model, tokenizer = load_default_model()
+    text = inspect.getsource(__import__("_pydecimal"))
+    return model, torch.tensor(tokenizer(text).input_ids), TRAINED
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def child(arm: str, length: int, kind: str) -> dict:
+    """One measurement, in this process (the parent starts one process per measurement)."""
+    import transformers
+
+    import yarn_rope
+    from yarn_rope import _compat
+    from yarn_rope.finetune.loss import causal_lm_loss
+
+    transformers.logging.set_verbosity_error()
+    model, ids, trained = load(kind)
+    if ids.numel() < length:
+        raise SystemExit(f"the corpus has {ids.numel()} tokens, fewer than --lengths {length}")
+    ids = ids[:length].clone()[None]
+    if length > trained:
+        yarn_rope.patch(model, factor=length / trained, original_max_position_embeddings=trained)
+    model.config.use_cache = False
+    _compat.set_activation_checkpointing(model, True)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    gc.collect()
+    before = _rss()
+    began = time.perf_counter()
+    batch = {"input_ids": ids, "labels": ids}
+    loss = causal_lm_loss(model, batch, chunk_size=CHUNK) if arm == "sliced" else model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    seconds = time.perf_counter() - began
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {
+        "arm": arm,
+        "length": length,
+        "peak_bytes": peak,
+        "before_step_bytes": before,
+        "step_bytes": peak - before,
+        "seconds": seconds,
+        "loss": float(loss),
+    }
+
+
+def measure(arm: str, length: int, kind: str) -> dict:
+    """Run :func:`child` in a fresh process; a process that dies is recorded, not raised."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--length", str(length)]
+    result = subprocess.run([*command, "--model", kind], capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        return {"arm": arm, "length": length, "error": f"{why} (exit status {result.returncode})"}
+    return json.loads(lines[-1])
+
+
+def _rows(records: list[dict], lengths: list[int]) -> list[list]:
+    def get(arm: str, length: int) -> dict:
+        return next(r for r in records if r["arm"] == arm and r["length"] == length)
+
+    rows = []
+    for length in lengths:
+        sliced, full = get("sliced", length), get("full", length)
+        ok = "error" not in sliced and "error" not in full
+        mib = {name: record.get("peak_bytes", math.nan) / 2**20 for name, record in (("s", sliced), ("f", full))}
+        step = {name: record.get("step_bytes", math.nan) / 2**20 for name, record in (("s", sliced), ("f", full))}
+        rows.append(
+            [
+                length,
+                mib["s"],
+                mib["f"],
+                mib["f"] / mib["s"] if ok else math.nan,
+                step["s"],
+                step["f"],
+                step["f"] / step["s"] if ok else math.nan,
+                sliced.get("seconds", math.nan),
+                full.get("seconds", math.nan),
+                sliced.get("loss", math.nan),
+                full.get("loss", math.nan),
+            ]
+        )
+    return rows
+
+
+HEADER = [
+    "tokens",
+    "sliced MiB",
+    "full MiB",
+    "full/sliced",
+    "sliced step MiB",
+    "full step MiB",
+    "step full/sliced",
+    "sliced s",
+    "full s",
+    "sliced loss",
+    "full loss",
+]
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="default 2k..16k (tiny: 256)")
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.length, args.model)))
+        return None
+    lengths = sorted(args.lengths or ([256] if args.model == "tiny" else [2048, 4096, 8192, 16384]))
+    if min(lengths) < 2:
+        parser.error("--lengths must be >= 2")
+    records = []
+    for length in lengths:
+        for arm in ARMS:
+            record = measure(arm, length, args.model)
+            records.append(record)
+            shown = f"{record['peak_bytes'] / 2**20:,.0f} MiB" if "error" not in record else record["error"]
+            print(f"  {arm:>6} at {length:>6} tokens: {shown}", flush=True)
+    rows = _rows(records, lengths)
+    print(f"peak resident memory of one training step (AdamW, fp32, checkpointing), model {args.model}")
+    print(table(rows, HEADER))
+    headline = rows[-1][3]
+    print(f"headline: full / sliced peak at {lengths[-1]} tokens = {headline:.2f}x (goal >= 3 at 16k)")
+    report = {
+        "headline": headline,
+        "headline_means": f"model(ids, labels=ids) step peak RSS / sliced-loss step peak RSS, {lengths[-1]} tokens",
+        "model": args.model,
+        "chunk_size": CHUNK,
+        "lengths": lengths,
+        "table": {"header": HEADER, "rows": rows},
+        "records": records,
+    }
+    return finish(report, args.json)
+
+
+if __name__ == "__main__":
+    main()
