@@ -134,8 +134,9 @@ def _rows(records: list[dict], lengths: list[int]) -> list[list]:
     for length in lengths:
         sliced, full = get("sliced", length), get("full", length)
         ok = "error" not in sliced and "error" not in full
-        mib = {name: record.get("peak_bytes", math.nan) / 2**20 for name, record in (("s", sliced), ("f", full))}
-        step = {name: record.get("step_bytes", math.nan) / 2**20 for name, record in (("s", sliced), ("f", full))}
+        pair = (("s", sliced), ("f", full))
+        mib = {name: record.get("peak_bytes", math.nan) / 2**20 for name, record in pair}
+        step = {name: record.get("step_bytes", math.nan) / 2**20 for name, record in pair}
         rows.append(
             [
                 length,
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"headline: full / sliced peak at {lengths[-1]} tokens = {headline:.2f}x (goal >= 3 at 16k)")
     report = {
         "headline": headline,
-        "headline_means": f"model(ids, labels=ids) step peak RSS / sliced-loss step peak RSS, {lengths[-1]} tokens",
+        "headline_means": f"peak RSS of a step with model(ids, labels=ids) / with the sliced loss, "
+        f"{lengths[-1]} tokens",
         "model": args.model,
         "chunk_size": CHUNK,
         "lengths": lengths,

@@ -817,8 +817,8 @@ class TestCommand:
             "--eval-every", "0",
         ]  # fmt: skip
         recipe = [
-            "--factor", "2", "--seq-len", "64", "--steps", "2", "--gradient-accumulation", "1", "--lr", "3e-3",
-            "--warmup-steps", "1", "--beta-fast", "16", "--truncate", "false",
+            "--factor", "2", "--seq-len", "64", "--steps", "2", "--gradient-accumulation", "1",
+            "--lr", "3e-3", "--warmup-steps", "1", "--beta-fast", "16", "--truncate", "false",
         ]  # fmt: skip
         assert cli.main([*base, *recipe, "--output", str(tmp_path / "a")]) == 0
         record = tmp_path / "a" / "finetune.json"

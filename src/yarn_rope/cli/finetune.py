@@ -58,7 +58,9 @@ _RECIPE_FLAGS = _flags.FieldFlags(
         "mixed_precision": "auto: bf16 on a GPU (reference: bf16)",
         "lora_train": "with --lora, also train these fully",
     },
-    groups={"scaling": ("method", "factor", "original_max_position_embeddings", "seq_len", *SCALING_SETTINGS)},
+    groups={
+        "scaling": ("method", "factor", "original_max_position_embeddings", "seq_len", *SCALING_SETTINGS)
+    },
     rest="recipe",
 )
 
