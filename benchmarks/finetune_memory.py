@@ -13,11 +13,14 @@ context, both arms alike). Two arms:
 * ``full``: ``model(ids, labels=ids).loss.backward()``: transformers builds the ``[1, length,
   49152]`` logits, upcasts them and runs cross-entropy (0.2 MB per token per float32 copy).
 
-Each measurement runs in a fresh process; its peak is the process's resident high-water mark
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``: loading, the step and everything in between), and
-the step's own share is that peak minus the resident size right before the step. The headline is
-full / sliced whole-process peak at the longest length (goal >= 3x at 16k, and the sliced peak
-growing linearly with the length). Both arms compute the same loss; the table shows both.
+Each measurement runs in a fresh process. The peak of the step is the process's resident
+high-water mark during it: the mark is reset after the model and optimizer are set up
+(``/proc/self/clear_refs``, as ``eval_memory.py``), because loading SmolLM2 from its GGUF file
+dequantises it and peaks at about 2.9 GB on its own, more than a 2k-token step; the process's
+lifetime peak (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is recorded too. "step" is that peak
+minus the resident size before the step (weights and the model's buffers). The headline is full /
+sliced step peak at the longest length (goal >= 3x at 16k, and the sliced peak growing linearly
+with the length). Both arms compute the same loss; the table shows both.
 
 Expect about 20 minutes on 2 CPU cores for the default lengths (16k: several minutes per arm).
 ``--model tiny`` uses a small random Llama with a 4,096-token vocabulary at 256 tokens (what the
@@ -39,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from _common import finish, table
+from _common import finish, peak_memory, reset_peak_memory, table
 
 TRAINED = 8192
 ARMS = ("sliced", "full")
@@ -70,11 +73,6 @@ def load(kind: str) -> tuple[torch.nn.Module, torch.Tensor, int]:
     return model, torch.tensor(tokenizer(text).input_ids), TRAINED
 
 
-def _rss() -> int:
-    with open("/proc/self/statm", encoding="ascii") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
-
-
 def child(arm: str, length: int, kind: str) -> dict:
     """One measurement, in this process (the parent starts one process per measurement)."""
     import transformers
@@ -95,7 +93,7 @@ def child(arm: str, length: int, kind: str) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
     gc.collect()
-    before = _rss()
+    before = reset_peak_memory()  # loading's own peak (a GGUF file is dequantised) is not the step's
     began = time.perf_counter()
     batch = {"input_ids": ids, "labels": ids}
     loss = causal_lm_loss(model, batch, chunk_size=CHUNK) if arm == "sliced" else model(**batch).loss
@@ -103,13 +101,14 @@ def child(arm: str, length: int, kind: str) -> dict:
     optimizer.step()
     optimizer.zero_grad()
     seconds = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_memory()
     return {
         "arm": arm,
         "length": length,
         "peak_bytes": peak,
         "before_step_bytes": before,
         "step_bytes": peak - before,
+        "process_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
         "seconds": seconds,
         "loss": float(loss),
     }

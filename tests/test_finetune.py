@@ -350,6 +350,17 @@ class TestChunkedLoss:
         assert rows and max(rows) == 16  # 96 positions: 6 slices, each recomputed in the backward
         assert len([r for r in rows if r]) == 12
 
+    def test_shifted_labels_as_context_parallelism_passes_them(self, tiny):
+        from yarn_rope.finetune.loss import causal_lm_loss, shift_labels
+
+        model, _ = load(tiny)
+        batch = self.batch(model.config.vocab_size)
+        shifted = {"input_ids": batch["input_ids"], "shift_labels": shift_labels(batch["labels"])}
+        with torch.no_grad():
+            expected = causal_lm_loss(model, batch, chunk_size=0)
+            assert causal_lm_loss(model, shifted, chunk_size=5) == pytest.approx(float(expected), rel=1e-6)
+            assert causal_lm_loss(model, shifted, chunk_size=0) == pytest.approx(float(expected), rel=1e-6)
+
     def test_with_gradient_checkpointing(self, tiny):
         model, _ = load(tiny)
         yarn_rope._compat.set_activation_checkpointing(model, True)
@@ -708,6 +719,16 @@ class TestAccelerateConfigs:
         assert env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] == "true"
         assert env["ACCELERATE_GRADIENT_CLIPPING"] == "1.0" == str(FinetuneRecipe().max_grad_norm)
         assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env  # taken from the recipe ("auto")
+
+    def test_fsdp2_context_parallel(self):
+        from accelerate.utils.launch import prepare_multi_gpu_env
+
+        args, _ = self.launch_env("fsdp2_context_parallel.yaml")
+        assert args.use_fsdp and args.fsdp_version == 2 and args.use_parallelism_config
+        env = prepare_multi_gpu_env(args)
+        assert env["ACCELERATE_USE_PARALLELISM_CONFIG"] == "true"
+        assert env["PARALLELISM_CONFIG_CP_SIZE"] == "4" and env["PARALLELISM_CONFIG_DP_SHARD_SIZE"] == "2"
+        assert int(env["PARALLELISM_CONFIG_CP_SIZE"]) * int(env["PARALLELISM_CONFIG_DP_SHARD_SIZE"]) == 8
 
     def test_cpu_two_processes(self):
         args, _ = self.launch_env("cpu_2proc.yaml")

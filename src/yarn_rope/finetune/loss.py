@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss", "chunked_cross_entropy", "supports_chunked_loss"]
+__all__ = [
+    "IGNORE_INDEX",
+    "causal_lm_loss",
+    "chunked_cross_entropy",
+    "shift_labels",
+    "supports_chunked_loss",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +45,12 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, *, chunk_size: int = 1024
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    shifted: bool = False,
 ) -> torch.Tensor:
     """Next-token cross-entropy of ``head(hidden)`` against ``labels``, ``chunk_size`` positions at a time.
 
@@ -50,6 +61,9 @@ def chunked_cross_entropy(
         labels: ``[b, s]`` token ids, not shifted (position ``i`` is scored against ``labels[:, i + 1]``),
             ``-100`` where not counted.
         chunk_size: positions whose logits exist at once (over the flattened ``b x s``).
+        shifted: ``labels`` are already the next tokens (position ``i`` scored against
+            ``labels[:, i]``: transformers' ``shift_labels``, what context parallelism needs, since
+            a shard's last position is scored against the next shard's first token).
 
     Returns:
         the mean loss over counted positions, a float32 scalar (NaN when none counts, as transformers).
@@ -61,9 +75,10 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} differ in [b, s]")
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device)
+    if not shifted:
+        labels = shift_labels(labels)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_labels = shifted.reshape(-1)
+    flat_labels = labels.to(hidden.device).reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, flat_labels.numel(), chunk_size):
         rows = slice(start, start + chunk_size)
@@ -76,6 +91,11 @@ def chunked_cross_entropy(
             preserve_rng_state=False,
         )
     return total / (flat_labels != IGNORE_INDEX).sum()
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` labels -> the token each position predicts (``-100`` after the last), as transformers."""
+    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous()
 
 
 def _slice_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
@@ -121,8 +141,8 @@ def _last_hidden_state(decoder: torch.nn.Module) -> Iterator[list[torch.Tensor]]
 
 
 def causal_lm_loss(model: Any, batch: Mapping[str, torch.Tensor], *, chunk_size: int = 1024) -> torch.Tensor:
-    """The causal-LM loss of ``batch`` (``input_ids``, ``labels``, optionally ``position_ids`` and
-    ``attention_mask``) without building the full logits.
+    """The causal-LM loss of ``batch`` (``input_ids``, ``labels`` or already shifted ``shift_labels``,
+    optionally ``position_ids`` and ``attention_mask``) without building the full logits.
 
     ``chunk_size=0``, or a model :func:`supports_chunked_loss` refuses, takes the model's own path,
     ``model(**batch).loss``.
@@ -138,12 +158,15 @@ def causal_lm_loss(model: Any, batch: Mapping[str, torch.Tensor], *, chunk_size:
     if chunk_size == 0 or not supports_chunked_loss(model):
         if chunk_size:
             logger.warning("%s: the loss goes through the full logits", type(_unwrapped(model)).__name__)
+        if "shift_labels" in batch:  # transformers scores shift_labels, but only when labels are given
+            batch = {"labels": batch["shift_labels"], **batch}
         return model(**batch).loss  # type: ignore[no-any-return]
     inner = _unwrapped(model)
-    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    inputs = {name: value for name, value in batch.items() if name not in ("labels", "shift_labels")}
     nothing = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
     with _last_hidden_state(inner.get_decoder()) as kept:
         model(**inputs, logits_to_keep=nothing)
-    return chunked_cross_entropy(
-        kept[-1], inner.get_output_embeddings(), batch["labels"], chunk_size=chunk_size
-    )
+    shifted = "shift_labels" in batch
+    labels = batch["shift_labels"] if shifted else batch["labels"]
+    head = inner.get_output_embeddings()
+    return chunked_cross_entropy(kept[-1], head, labels, chunk_size=chunk_size, shifted=shifted)

@@ -886,7 +886,7 @@ class FinetuneRun:
         grad_norm = torch.full((), math.nan, device=accelerator.device)
         for _ in range(recipe.gradient_accumulation):
             batch = next(self._batches)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), _context_parallel(accelerator, batch) as batch:
                 loss = causal_lm_loss(model, batch, chunk_size=recipe.loss_chunk_size)
                 accelerator.backward(loss)
                 total += loss.detach().float()
@@ -1118,6 +1118,30 @@ def _accelerator_for(recipe: FinetuneRecipe, accelerator: Any | None) -> Any:
             "process): train LoRA data parallel, or train all weights under FSDP/DeepSpeed"
         )
     return accelerator
+
+
+@contextlib.contextmanager
+def _context_parallel(accelerator: Any, batch: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """``batch``, split along the sequence over the context-parallel ranks when the launch asks for it
+    (accelerate's ``parallelism_config`` with ``cp_size > 1``, FSDP2, SDPA: ring attention over the
+    ranks; ``examples/accelerate/fsdp2_context_parallel.yaml``); unchanged otherwise.
+
+    The labels are shifted before the split (``shift_labels``), so that each shard's last position
+    is scored against the next shard's first token. Not run here: it needs several GPUs.
+    """
+    config = getattr(accelerator, "parallelism_config", None)
+    if config is None or not getattr(config, "cp_enabled", False):
+        yield batch
+        return
+    from .loss import shift_labels
+
+    sharded = {name: value for name, value in batch.items() if name != "labels"}
+    sharded["shift_labels"] = shift_labels(batch["labels"])  # scored instead of labels
+    buffers = list(sharded.values())
+    with accelerator.maybe_context_parallel(
+        buffers=buffers, buffer_seq_dims=[1] * len(buffers), no_restore_buffers=set(buffers)
+    ):
+        yield sharded
 
 
 def _is_sharded(accelerator: Any) -> bool:
