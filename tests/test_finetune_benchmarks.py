@@ -49,6 +49,7 @@ def test_gpu_finetune_cpu_path(tmp_path, run_benchmark):
     assert report["headline"] == pytest.approx(ratio)
     assert report["recipe"]["method"] == "yarn" and report["recipe"]["factor"] == 4.0
     assert "tiny random Llama (no CUDA)" in printed
+    assert report["loss"] == "sliced" and report["recipe"]["loss_chunk_size"] == 1024
 
 
 def test_finetune_memory_smoke(tmp_path, run_benchmark):
