@@ -23,15 +23,14 @@ sliced step peak at the longest length (goal >= 3x at 16k, and the sliced peak g
 with the length). Both arms compute the same loss; the table shows both.
 
 Expect about 20 minutes on 2 CPU cores for the default lengths (16k: several minutes per arm).
-``--model tiny`` uses a small random Llama with a 4,096-token vocabulary at 256 tokens (what the
-test suite runs, seconds).
+``--model tiny`` uses ``eval_memory.py``'s small random Llama (a 4,096-token vocabulary) at 256
+tokens (what the test suite runs, seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import resource
@@ -43,34 +42,10 @@ from pathlib import Path
 import torch
 
 from _common import finish, peak_memory, reset_peak_memory, table
+from eval_memory import load  # the same model and corpus as the evaluation's memory benchmark
 
-TRAINED = 8192
 ARMS = ("sliced", "full")
 CHUNK = 1024
-
-
-def load(kind: str) -> tuple[torch.nn.Module, torch.Tensor, int]:
-    """(model, token ids of the corpus, trained context)."""
-    if kind == "tiny":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=4096,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-        )
-        torch.manual_seed(0)
-        ids = torch.randint(0, config.vocab_size, (1 << 14,), generator=torch.Generator().manual_seed(0))
-        return LlamaForCausalLM(config), ids, 256
-    from yarn_rope.eval import load_default_model
-
-    model, tokenizer = load_default_model()
-    text = inspect.getsource(__import__("_pydecimal"))
-    return model, torch.tensor(tokenizer(text).input_ids), TRAINED
 
 
 def child(arm: str, length: int, kind: str) -> dict:
@@ -116,13 +91,15 @@ def child(arm: str, length: int, kind: str) -> dict:
 
 def measure(arm: str, length: int, kind: str) -> dict:
     """Run :func:`child` in a fresh process; a process that dies is recorded, not raised."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--length", str(length)]
-    result = subprocess.run([*command, "--model", kind], capture_output=True, text=True)
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-        return {"arm": arm, "length": length, "error": f"{why} (exit status {result.returncode})"}
-    return json.loads(lines[-1])
+    flags = ["--child", arm, "--length", str(length), "--model", kind]
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *flags], capture_output=True, text=True
+    )
+    printed = done.stdout.strip().splitlines()
+    if done.returncode == 0 and printed:
+        return dict(json.loads(printed[-1]))
+    last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+    return {"arm": arm, "length": length, "error": f"{last[0]} (exit status {done.returncode})"}
 
 
 def _rows(records: list[dict], lengths: list[int]) -> list[list]:
@@ -171,11 +148,11 @@ HEADER = [
 
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="default 2k..16k (tiny: 256)")
+    for hidden, kind in (("--child", str), ("--length", int)):  # one measurement, in a fresh process
+        parser.add_argument(hidden, type=kind, help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="default 2k..16k (tiny: 256)")
     parser.add_argument("--json", default=None, help="write the report here")
-    parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
-    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.length, args.model)))
