@@ -19,6 +19,23 @@ Sized for about 8 minutes on one H200 (an estimate: never run on one yet):
 
 The headline is YaRN's perplexity at 32k (twice the fine-tuned length) after fine-tuning over
 before. Tokens/s of training and the peak GPU memory are recorded too.
+
+``--loss`` chooses how the loss meets the vocabulary (prepared for GPUs; only ``sliced`` and
+``full`` run on this CPU-only machine, the kernels are not tested here):
+
+* ``sliced`` (default): the trainer's LM head and cross-entropy in slices of 1,024 positions
+  (:mod:`yarn_rope.finetune.loss`; one slice's float32 logits exist at a time);
+* ``full``: ``model(**batch).loss``, the whole ``[batch, seq, vocab]`` logits (``loss_chunk_size=0``);
+* ``cce``: Apple's Cut Cross-Entropy (``pip install "cut-cross-entropy[transformers]"``,
+  arXiv 2411.09009): ``cut_cross_entropy.transformers.cce_patch`` replaces the model's forward so
+  that the loss never holds any logits in global memory; the trainer takes the model's own loss;
+* ``liger``: Liger Kernel's fused linear cross-entropy (``pip install liger-kernel``):
+  ``apply_liger_kernel_to_llama(fused_linear_cross_entropy=True, rope=False, model=model)``;
+  ``rope=False`` keeps yarn_rope's rotary tables (Liger's RoPE would read the model's own).
+
+Longer sequences than one GPU holds go further with context parallelism:
+``examples/accelerate/fsdp2_context_parallel.yaml`` (FSDP2 and accelerate's ParallelismConfig, ring
+attention over SDPA; the trainer splits each batch along its positions).
 """
 
 from __future__ import annotations
@@ -63,6 +80,46 @@ def tiny_model() -> tuple[Any, Any]:
     return transformers.LlamaForCausalLM(config), tokenizer
 
 
+LOSSES = ("sliced", "full", "cce", "liger")
+
+
+def loss_path(model: Any, loss: str, *, cuda: bool) -> int:
+    """Prepare ``model`` for the ``--loss`` path; returns the recipe's ``loss_chunk_size``.
+
+    Raises:
+        SystemExit: a kernel path without CUDA, or its package not installed (naming it).
+    """
+    import importlib.util
+
+    if loss == "sliced":
+        return FinetuneRecipe().loss_chunk_size
+    if loss == "full":
+        return 0
+    package, install = {"cce": ("cut_cross_entropy", '"cut-cross-entropy[transformers]"')}.get(
+        loss, ("liger_kernel", "liger-kernel")
+    )
+    if not cuda:
+        raise SystemExit(f"--loss {loss}: a Triton kernel, it needs a CUDA GPU (use sliced or full here)")
+    if importlib.util.find_spec(package) is None:
+        raise SystemExit(f"--loss {loss}: pip install {install}")
+    if loss == "cce":
+        from cut_cross_entropy.transformers import cce_patch
+
+        cce_patch(model)
+    else:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(
+            rope=False,
+            cross_entropy=False,
+            fused_linear_cross_entropy=True,
+            rms_norm=False,
+            swiglu=False,
+            model=model,
+        )
+    return 0  # the patched model computes its own loss without the full logits
+
+
 def training_files(limit: int | None = None) -> list[str]:
     """Standard-library sources (the first ``limit``, sorted), but the held-out one and the few that
     are not UTF-8 (test data)."""
@@ -84,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (GPU default 150)")
     parser.add_argument("--accumulation", type=int, default=None, help="sequences per step (GPU default 4)")
+    parser.add_argument("--loss", choices=LOSSES, default="sliced", help="how the loss meets the vocabulary")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the report")
     args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()
@@ -101,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.steps or steps
     accumulation = args.accumulation or accumulation
     original = original_context(model)
+    chunk = loss_path(model, args.loss, cuda=cuda)
     recipe = FinetuneRecipe(
+        loss_chunk_size=chunk,
         method="yarn",
         factor=4.0,
         seq_len=seq_len,
@@ -181,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokens_per_second": tokens / seconds,
         "peak_gpu_memory_gib": peak,
         "mixed_precision": "bf16" if cuda else "no",
+        "loss": args.loss,
     }
     return finish(report, args.json)
 

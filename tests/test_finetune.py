@@ -7,6 +7,7 @@ tokenizer) so that a training step takes milliseconds; the slow tests launch pro
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -251,10 +252,137 @@ class TestRecipe:
         with pytest.raises((ValueError, TypeError), match=field if field != "method" else "yarn2"):
             FinetuneRecipe(**{field: value})
 
+    def test_every_setting_of_every_static_method_is_a_field(self):
+        from yarn_rope.finetune.recipe import SCALING_SETTINGS, TRAINABLE_METHODS
+
+        fields = {field.name for field in dataclasses.fields(FinetuneRecipe)}
+        for spec in yarn_rope.methods.registered():
+            if not spec.dynamic:
+                assert spec.name in TRAINABLE_METHODS
+                own = set(spec.accepted) - {"max_position_embeddings"}  # the recipe's: factor x original
+                assert own <= fields, f"{spec.name}: {sorted(own - fields)} cannot be trained through"
+        assert set(SCALING_SETTINGS) <= fields
+
+    def test_settings_reach_the_scaling_trained_through(self):
+        settings = dict(
+            beta_fast=16, beta_slow=2.0, attention_factor=1.2, mscale_coefficient=0.07, truncate=False
+        )
+        scaling = FinetuneRecipe(factor=2.0, **settings).resolve(32).scaling()
+        assert {name: getattr(scaling, name) for name in settings} == settings
+        assert FinetuneRecipe(factor=2.0).resolve(32).scaling() == yarn_rope.RopeScaling(
+            method="yarn", factor=2.0, original_max_position_embeddings=32
+        )  # None: the method's defaults
+        llama3 = FinetuneRecipe(method="llama3", factor=8.0, **LLAMA3).resolve(8192).scaling()
+        assert (llama3.low_freq_factor, llama3.high_freq_factor) == (1.0, 4.0)
+
+    def test_a_setting_the_method_does_not_read_is_refused(self):
+        with pytest.raises(ValueError, match=r"beta_fast=16.0 would have no effect on method 'linear'"):
+            FinetuneRecipe(method="linear", factor=2.0, beta_fast=16)
+        with pytest.raises(ValueError, match=r"beta_fast must be > 0"):
+            FinetuneRecipe(beta_fast=-1.0)
+        with pytest.raises(ValueError, match=r"llama3.*needs low_freq_factor, high_freq_factor"):
+            FinetuneRecipe(method="llama3", factor=8.0)
+
+    def test_plain_rope_may_train_beyond_the_original_context(self):
+        recipe = FinetuneRecipe(method="none", seq_len=8192).resolve(4096)
+        assert recipe.seq_len == 8192 and recipe.scaling() == yarn_rope.RopeScaling(method="none")
+        assert FinetuneRecipe(method="none").resolve(4096).seq_len == 4096
+
     def test_round_trip(self):
         recipe = FinetuneRecipe(method="linear", factor=4.0, lora=True, lora_train=("norms", "embeddings"))
         assert FinetuneRecipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
         assert recipe.lora_train == ("embeddings", "norms")
+        recipe = FinetuneRecipe(beta_fast=16.0, truncate=False, loss_chunk_size=0)
+        assert FinetuneRecipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss in slices
+
+
+class TestChunkedLoss:
+    """``causal_lm_loss`` against ``model(ids, labels=ids).loss.backward()``: same loss and gradients."""
+
+    @staticmethod
+    def losses_and_grads(model, batch, *, chunk_size, autocast=False):
+        from yarn_rope.finetune.loss import causal_lm_loss
+
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = causal_lm_loss(model, batch, chunk_size=chunk_size)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    @staticmethod
+    def batch(vocab, rows=2, length=48):
+        ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(1))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def compare(self, model, *, tolerance=1e-5, autocast=False, chunk_size=7):
+        batch = self.batch(model.config.vocab_size)
+        full_loss, full = self.losses_and_grads(model, batch, chunk_size=0, autocast=autocast)
+        loss, chunked = self.losses_and_grads(model, batch, chunk_size=chunk_size, autocast=autocast)
+        assert full.keys() == chunked.keys() and full
+        torch.testing.assert_close(loss, full_loss, rtol=tolerance, atol=tolerance)
+        for name, grad in full.items():
+            torch.testing.assert_close(chunked[name], grad, rtol=tolerance, atol=tolerance, msg=name)
+
+    def test_same_loss_and_gradients_as_the_full_logits(self, tiny):
+        model, _ = load(tiny)
+        batch = self.batch(model.config.vocab_size)
+        model.zero_grad()
+        model(**batch).loss.backward()  # transformers' own loss, the reference
+        reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+        _, chunked = self.losses_and_grads(model, batch, chunk_size=7)
+        for name, grad in reference.items():
+            torch.testing.assert_close(chunked[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+    def test_the_head_never_sees_more_than_a_slice(self, tiny):
+        from yarn_rope.finetune.loss import causal_lm_loss
+
+        model, _ = load(tiny)
+        rows = []
+        model.get_output_embeddings().register_forward_hook(
+            lambda m, a, out: rows.append(out.shape[:-1].numel())
+        )
+        causal_lm_loss(model, self.batch(model.config.vocab_size), chunk_size=16).backward()
+        assert rows and max(rows) == 16  # 96 positions: 6 slices, each recomputed in the backward
+        assert len([r for r in rows if r]) == 12
+
+    def test_shifted_labels_as_context_parallelism_passes_them(self, tiny):
+        from yarn_rope.finetune.loss import causal_lm_loss, shift_labels
+
+        model, _ = load(tiny)
+        batch = self.batch(model.config.vocab_size)
+        shifted = {"input_ids": batch["input_ids"], "shift_labels": shift_labels(batch["labels"])}
+        with torch.no_grad():
+            expected = causal_lm_loss(model, batch, chunk_size=0)
+            assert causal_lm_loss(model, shifted, chunk_size=5) == pytest.approx(float(expected), rel=1e-6)
+            assert causal_lm_loss(model, shifted, chunk_size=0) == pytest.approx(float(expected), rel=1e-6)
+
+    def test_with_gradient_checkpointing(self, tiny):
+        model, _ = load(tiny)
+        yarn_rope._compat.set_activation_checkpointing(model, True)
+        model.train()
+        self.compare(model)
+
+    def test_with_lora(self, tiny):
+        pytest.importorskip("peft")
+        from yarn_rope.finetune.trainer import _add_lora
+
+        model, _ = load(tiny)
+        recipe = FinetuneRecipe(lora=True, lora_dropout=0.0, lora_train=("embeddings", "norms"))
+        self.compare(_add_lora(model, recipe))
+
+    def test_with_mixed_precision(self, tiny):
+        model, _ = load(tiny)
+        self.compare(model, tolerance=2e-2, autocast=True)  # bf16's own rounding, both sides
+
+    def test_a_run_with_slices_logs_the_losses_of_one_without(self, tiny, tmp_path):
+        whole = run_quick(tiny, tmp_path / "a", recipe={"loss_chunk_size": 0})
+        sliced = run_quick(tiny, tmp_path / "b", recipe={"loss_chunk_size": 24})
+        assert sliced.losses == pytest.approx(whole.losses, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -592,6 +720,16 @@ class TestAccelerateConfigs:
         assert env["ACCELERATE_GRADIENT_CLIPPING"] == "1.0" == str(FinetuneRecipe().max_grad_norm)
         assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env  # taken from the recipe ("auto")
 
+    def test_fsdp2_context_parallel(self):
+        from accelerate.utils.launch import prepare_multi_gpu_env
+
+        args, _ = self.launch_env("fsdp2_context_parallel.yaml")
+        assert args.use_fsdp and args.fsdp_version == 2 and args.use_parallelism_config
+        env = prepare_multi_gpu_env(args)
+        assert env["ACCELERATE_USE_PARALLELISM_CONFIG"] == "true"
+        assert env["PARALLELISM_CONFIG_CP_SIZE"] == "4" and env["PARALLELISM_CONFIG_DP_SHARD_SIZE"] == "2"
+        assert int(env["PARALLELISM_CONFIG_CP_SIZE"]) * int(env["PARALLELISM_CONFIG_DP_SHARD_SIZE"]) == 8
+
     def test_cpu_two_processes(self):
         args, _ = self.launch_env("cpu_2proc.yaml")
         assert args.num_processes == 2 and args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
@@ -605,7 +743,6 @@ class TestCommand:
     @pytest.mark.parametrize(
         ("flags", "message"),
         [
-            (["--method", "dynamic-yarn"], "--method: method 'dynamic-yarn' is dynamic"),
             (
                 ["--seq-len", "65"],
                 "--seq-len: seq_len=65 is beyond the scaled context 64 (factor 2 x original 32)",
@@ -654,6 +791,95 @@ class TestCommand:
         again = json.loads((tmp_path / "o" / "finetune.json").read_text())
         assert again["resumed_from"] == 2 and again["finished"]
         assert [r["loss"] for r in again["log"]] == [r["loss"] for r in first["log"]]
+
+    def test_method_offers_only_what_the_recipe_trains(self, capsys):
+        from yarn_rope.finetune.recipe import TRAINABLE_METHODS
+
+        assert "dynamic-yarn" not in TRAINABLE_METHODS and {"none", "yarn", "llama3"} <= set(
+            TRAINABLE_METHODS
+        )
+        for method in TRAINABLE_METHODS[1:]:  # each is accepted by the recipe ('none' takes no factor)
+            FinetuneRecipe(method=method, factor=2.0, **LLAMA3 if method == "llama3" else {})
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["finetune", "--data", "x", "--output", "o", "--method", "dynamic-yarn"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert (
+            "invalid choice: 'dynamic-yarn'" in err and "'ntk-by-parts'" in err and "'dynamic-ntk'" not in err
+        )
+
+    def test_every_scaling_setting_is_a_flag_with_the_registrys_words(self, capsys):
+        from yarn_rope.finetune.recipe import SCALING_SETTINGS
+
+        argv = [
+            "finetune", "--data", "x", "--output", "o", "--beta-fast", "16", "--beta-slow", "2",
+            "--attention-factor", "1.2", "--mscale-coefficient", "0.07", "--truncate", "false",
+        ]  # fmt: skip
+        recipe = cli_recipe(argv)
+        assert (recipe.beta_fast, recipe.beta_slow, recipe.attention_factor) == (16.0, 2.0, 1.2)
+        assert recipe.mscale_coefficient == 0.07 and recipe.truncate is False
+        with pytest.raises(SystemExit):
+            cli.main(["finetune", "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        for name in SCALING_SETTINGS:
+            assert "--" + name.replace("_", "-") in help_text
+            assert " ".join(yarn_rope.methods.SETTINGS[name].doc.split())[:40] in help_text
+
+    def test_a_setting_the_method_does_not_read_names_its_flag(self, tiny, tmp_path, capsys):
+        arguments = ["finetune", "--model", str(tiny), "--method", "linear", "--factor", "2", "--data", "x"]
+        assert cli.main([*arguments, "--output", str(tmp_path / "o"), "--beta-fast", "16"]) == 2
+        assert (
+            "--beta-fast: beta_fast=16.0 would have no effect on method 'linear'" in capsys.readouterr().err
+        )
+
+    def test_recipe_replays_a_run_from_its_record(self, tiny, tmp_path, capsys):
+        base = [
+            "finetune", "--model", str(tiny), "--data", str(TEXTS[0]), "--no-plot", "--no-progress",
+            "--eval-every", "0",
+        ]  # fmt: skip
+        recipe = [
+            "--factor", "2", "--seq-len", "64", "--steps", "2", "--gradient-accumulation", "1",
+            "--lr", "3e-3", "--warmup-steps", "1", "--beta-fast", "16", "--truncate", "false",
+        ]  # fmt: skip
+        assert cli.main([*base, *recipe, "--output", str(tmp_path / "a")]) == 0
+        record = tmp_path / "a" / "finetune.json"
+        capsys.readouterr()
+        assert cli.main([*base, "--recipe", str(record), "--output", str(tmp_path / "b")]) == 0
+        assert f"--recipe {record}: replaying its recipe, unchanged" in capsys.readouterr().out
+        first, again = (json.loads((tmp_path / x / "finetune.json").read_text()) for x in "ab")
+        assert again["recipe"] == first["recipe"] and again["scaling"] == first["scaling"]
+        assert first["scaling"]["beta_fast"] == 16.0 and first["scaling"]["truncate"] is False
+        assert [r["loss"] for r in again["log"]] == [r["loss"] for r in first["log"]]
+        # Flags beside it override it, and the run says which.
+        argv = [*base, "--recipe", str(record), "--steps", "1", "--output", str(tmp_path / "c")]
+        assert cli.main(argv) == 0
+        assert "overridden by the flags given beside it: --steps 1 (recorded: 2)" in capsys.readouterr().out
+        third = json.loads((tmp_path / "c" / "finetune.json").read_text())
+        assert third["recipe"] == first["recipe"] | {"steps": 1}
+
+    def test_recipe_errors_name_the_file(self, tmp_path, capsys):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"recipe": {"method": "yarn", "speed": 3}}))
+        for path, message in [
+            (bad, "unknown recipe fields ['speed']"),
+            (tmp_path / "none.json", "no such file"),
+        ]:
+            assert cli.main(["finetune", "--data", "x", "--output", "o", "--recipe", str(path)]) == 2
+            assert f"--recipe {path}: {message}" in capsys.readouterr().err
+
+    def test_plain_rope_beyond_the_context_is_a_control_with_a_warning(self, tiny, tmp_path, caplog):
+        argv = [
+            "finetune", "--model", str(tiny), "--data", str(TEXTS[0]), "--method", "none", "--seq-len", "64",
+            "--steps", "1", "--gradient-accumulation", "1", "--no-plot", "--no-progress", "--eval-every", "0",
+            "--output", str(tmp_path / "o"),
+        ]  # fmt: skip
+        with caplog.at_level("WARNING", logger="yarn_rope.finetune"):
+            assert cli.main(argv) == 0
+        err = " ".join(caplog.text.split())
+        assert "method 'none' with seq_len=64 beyond the model's context 32" in err
+        assert "plain RoPE" in err and "control" in err
+        record = json.loads((tmp_path / "o" / "finetune.json").read_text())
+        assert record["scaling"] is None and record["recipe"]["seq_len"] == 64
 
     def test_help_ends_with_an_example(self, capsys):
         with pytest.raises(SystemExit):
@@ -754,6 +980,15 @@ def command(tiny, *flags):
         "finetune", "--model", str(tiny), "--data", str(TEXTS[0]), "--factor", "2", "--seq-len", "64",
         "--gradient-accumulation", "1", "--eval-every", "0", "--no-plot", "--no-progress", *flags,
     ]  # fmt: skip
+
+
+LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+def cli_recipe(argv):
+    from yarn_rope.cli import finetune as cli_finetune
+
+    return cli_finetune._recipe(cli.build_parser().parse_args(argv))
 
 
 def run_quick(tiny, output, **options):

@@ -49,3 +49,17 @@ def test_gpu_finetune_cpu_path(tmp_path, run_benchmark):
     assert report["headline"] == pytest.approx(ratio)
     assert report["recipe"]["method"] == "yarn" and report["recipe"]["factor"] == 4.0
     assert "tiny random Llama (no CUDA)" in printed
+    assert report["loss"] == "sliced" and report["recipe"]["loss_chunk_size"] == 1024
+
+
+def test_finetune_memory_smoke(tmp_path, run_benchmark):
+    report, printed = run_benchmark("finetune_memory.py", tmp_path, "--model", "tiny")
+    assert report["lengths"] == [256] and report["chunk_size"] == 1024
+    records = {(r["arm"], r["length"]): r for r in report["records"]}
+    sliced, full = records["sliced", 256], records["full", 256]
+    assert "error" not in sliced and "error" not in full
+    # Both arms compute the same loss; each ran in its own process, so the peaks are its own.
+    assert sliced["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert sliced["peak_bytes"] >= sliced["before_step_bytes"] > 0
+    assert report["headline"] == pytest.approx(full["peak_bytes"] / sliced["peak_bytes"])
+    assert "full / sliced peak at 256 tokens" in printed

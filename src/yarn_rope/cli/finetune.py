@@ -20,8 +20,15 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..finetune.recipe import MIXED_PRECISION, SCHEDULES, TRAINABLE_EXTRAS, FinetuneRecipe
-from ..methods import METHODS
+from .. import methods as M
+from ..finetune.recipe import (
+    MIXED_PRECISION,
+    SCALING_SETTINGS,
+    SCHEDULES,
+    TRAINABLE_EXTRAS,
+    TRAINABLE_METHODS,
+    FinetuneRecipe,
+)
 from . import _common as common
 from . import _flags
 
@@ -36,20 +43,24 @@ EXAMPLE = (
 _RECIPE_FLAGS = _flags.FieldFlags(
     flags={"learning_rate": ("--lr",)},  # --lr (the reference's name) and --learning-rate
     choices={
-        "method": METHODS,
+        "method": TRAINABLE_METHODS,  # only what the recipe accepts
         "schedule": SCHEDULES,
         "mixed_precision": MIXED_PRECISION,
         "lora_train": TRAINABLE_EXTRAS,
     },
     help={
-        "method": "static method (dynamic ones have no one table to train)",
+        **{name: M.SETTINGS[name].doc + " (default: the method's)" for name in SCALING_SETTINGS},
+        "method": "static method (dynamic ones have no one table to train); none beyond the original "
+        "context: plain RoPE, the control",
         "original_max_position_embeddings": "pretrained context (default: what the model declares)",
         "seq_len": "training sequence length (default: factor x original)",
         "max_grad_norm": "clip the global gradient norm to this (0 or none: no clipping)",
         "mixed_precision": "auto: bf16 on a GPU (reference: bf16)",
         "lora_train": "with --lora, also train these fully",
     },
-    groups={"scaling": ("method", "factor", "original_max_position_embeddings", "seq_len")},
+    groups={
+        "scaling": ("method", "factor", "original_max_position_embeddings", "seq_len", *SCALING_SETTINGS)
+    },
     rest="recipe",
 )
 
@@ -61,15 +72,76 @@ def _parse_lengths(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(error).replace("--lengths", "--eval-lengths")) from None
 
 
-def _recipe(args: argparse.Namespace) -> Any:
-    """The :class:`~yarn_rope.finetune.FinetuneRecipe` of the flags; an error names the flag."""
-    fields = _flags.dataclass_values(FinetuneRecipe, args)
-    fields["max_grad_norm"] = fields["max_grad_norm"] or None  # 0: no clipping
+class _NotGiven:
+    """The argparse default of every recipe flag: tells a flag given from a default (``--recipe``)."""
+
+    def __repr__(self) -> str:
+        return "not given"
+
+
+_NOT_GIVEN = _NotGiven()
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields given as flags."""
+    values = _flags.dataclass_values(FinetuneRecipe, args)
+    given = {name: value for name, value in values.items() if value is not _NOT_GIVEN}
+    if "max_grad_norm" in given:
+        given["max_grad_norm"] = given["max_grad_norm"] or None  # 0: no clipping
+    return given
+
+
+def _recorded(path: str) -> dict[str, Any]:
+    """The recipe of a run's record (``finetune.json``), or of a file holding a recipe alone."""
+    import json
+
     try:
-        return FinetuneRecipe(**fields)
+        with open(os.path.expanduser(path), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--recipe {path}: no such file (a run's finetune.json)") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--recipe {path}: not a readable JSON record ({error})") from None
+    recipe = record.get("recipe", record) if isinstance(record, dict) else None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"--recipe {path}: no recipe in it (expected a run's finetune.json)")
+    try:
+        FinetuneRecipe.from_dict(recipe)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"--recipe {path}: {error}") from None
+    return dict(recipe)
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    """The :class:`~yarn_rope.finetune.FinetuneRecipe` of the flags, over ``--recipe``'s when given;
+    an error names the flag."""
+    base = _recorded(args.recipe) if getattr(args, "recipe", None) else {}
+    try:
+        return FinetuneRecipe.from_dict(base | _given(args))
     except (ValueError, TypeError) as error:
         flag = _flags.flag_named_in(str(error), _recipe_flags())
         raise type(error)((f"{flag}: " if flag else "") + str(error)) from None
+
+
+def _replay_note(args: argparse.Namespace) -> str | None:
+    """What ``--recipe`` replays and which flags override it (``None`` without ``--recipe``)."""
+    if not getattr(args, "recipe", None):
+        return None
+    recorded, given = _recorded(args.recipe), _given(args)
+    flags = _recipe_flags()
+    changed = [
+        f"{flags[name]} {_shown(value)} (recorded: {_shown(recorded.get(name, 'default'))})"
+        for name, value in given.items()
+    ]
+    return f"--recipe {args.recipe}: replaying its recipe" + (
+        "; overridden by the flags given beside it: " + ", ".join(changed) if changed else ", unchanged"
+    )
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value) or "none"
+    return str(value)
 
 
 def _recipe_flags() -> dict[str, str]:
@@ -96,11 +168,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..finetune.data import hub_name
 
     run = _open_run(args, _recipe(args))
+    note = _replay_note(args)
     remote = hub_name(args.data)
     for path in args.data:
         if remote is None and not os.path.exists(os.path.expanduser(path)):
             raise FileNotFoundError(f"--data {path}: no such file or folder")
     say: Callable[..., None] = print if run.accelerator.is_main_process else (lambda *_: None)
+    if note:
+        say(note)
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     if not args.progress:
@@ -241,7 +316,17 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--resume", default=None, metavar="DIR", help="continue a run: its output folder or one checkpoint"
     )
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        metavar="FINETUNE_JSON",
+        help="replay the recipe of a run's record (its finetune.json); recipe flags given beside it "
+        "override it, and the run says which",
+    )
     _flags.add_dataclass_flags(parser, FinetuneRecipe, _RECIPE_FLAGS)  # every recipe field
+    # "Not given" as every recipe flag's default, so that --recipe's values show through (the help
+    # still states the recipe's defaults, which apply when neither gives a value).
+    parser.set_defaults(**{field.name: _NOT_GIVEN for field in dataclasses.fields(FinetuneRecipe)})
     run = parser.add_argument_group("evaluation and checkpoints")
     run.add_argument(
         "--eval-lengths",

@@ -46,6 +46,9 @@ attention                  flash-attention 2                            the load
                                                                         weights and flash-attn)
 LoRA                       rank 16, alpha 64, dropout 0.05, all         same, + optionally embeddings and
                            linear layers but ``lm_head``                norms trained fully (LongLoRA)
+loss                       ``model(**batch).loss``: the full            the LM head and cross-entropy in
+                           ``[batch, seq, vocab]`` logits               slices of 1,024 positions
+                                                                        (:mod:`.loss`; same loss)
 =========================  ===========================================  =================================
 
 Scaled to this machine (2 CPU cores, no GPU): nothing in the recipe; the global batch follows the

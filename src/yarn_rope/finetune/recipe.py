@@ -16,9 +16,17 @@ import dataclasses
 import math
 from typing import Any
 
+from .. import methods as M
 from ..config import RopeScaling
 
-__all__ = ["MIXED_PRECISION", "SCHEDULES", "TRAINABLE_EXTRAS", "FinetuneRecipe"]
+__all__ = [
+    "MIXED_PRECISION",
+    "SCALING_SETTINGS",
+    "SCHEDULES",
+    "TRAINABLE_EXTRAS",
+    "TRAINABLE_METHODS",
+    "FinetuneRecipe",
+]
 
 #: Learning-rate schedules: transformers' ``get_linear_schedule_with_warmup`` (the reference's
 #: default) and ``get_constant_schedule_with_warmup`` (its 70B run).
@@ -30,6 +38,19 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 #: and normalisation layers too: "LoRA+").
 TRAINABLE_EXTRAS = ("embeddings", "norms")
 
+#: The methods a recipe trains through: every static method of the registry (a dynamic method's table
+#: changes with the sequence length, so there is no one table to train).
+TRAINABLE_METHODS: tuple[str, ...] = tuple(spec.name for spec in M.registered() if not spec.dynamic)
+#: The scaling settings of those methods that a recipe carries beside ``method``, ``factor`` and
+#: ``original_max_position_embeddings`` (each a field of :class:`FinetuneRecipe`, ``None``: the method's
+#: default). ``max_position_embeddings`` is not one: a recipe's context is ``factor x original``.
+SCALING_SETTINGS: tuple[str, ...] = tuple(
+    name
+    for name in M.SETTINGS
+    if name not in M.CONTEXT_SETTINGS
+    and any(name in spec.accepted for spec in M.registered() if not spec.dynamic)
+)
+
 # A stand-in original length, used only to validate method/factor before the model says its own.
 _PROBE_ORIGINAL = 4096
 
@@ -40,8 +61,10 @@ class FinetuneRecipe:
 
     Attributes:
         method: the static scaling trained through (``yarn``, ``linear``, ``ntk``,
-            ``ntk-by-parts``, or ``none`` for plain training). Dynamic methods are refused: their
-            table depends on the sequence length, so there is no one table to train.
+            ``ntk-by-parts``, ``llama3``, or ``none`` for plain RoPE: see
+            :data:`TRAINABLE_METHODS`). Dynamic methods are refused: their table depends on the
+            sequence length, so there is no one table to train. ``none`` with ``seq_len`` beyond the
+            original context trains plain RoPE there: the control of an extension study.
         factor: scale factor ``s`` over the original context (reference: 16 for the 64k/128k
             7B/13B runs (32 continuing from 16), 8 for the 70B run).
         original_max_position_embeddings: the context the model was pretrained with; ``None``
@@ -64,8 +87,16 @@ class FinetuneRecipe:
         weight_decay, adam_betas, adam_eps: AdamW settings (reference: torch's defaults, 0.01,
             (0.9, 0.999), 1e-8).
         seed: seeds the model-independent randomness (data order, dropout, LoRA init).
+        beta_fast, beta_slow, extrapolation_factor, truncate, attention_factor, attn_factor, mscale,
+            mscale_all_dim, mscale_coefficient, finetuned, low_freq_factor, high_freq_factor: the
+            method's own scaling settings (:data:`SCALING_SETTINGS`, documented in
+            :data:`yarn_rope.methods.SETTINGS`); ``None`` is the method's default, and a setting the
+            method does not read is an error.
         gradient_checkpointing: recompute activations in the backward pass (reference: on,
             except with LoRA; here on for both).
+        loss_chunk_size: positions whose logits exist at once in the loss (the LM head and
+            cross-entropy run in slices, :mod:`yarn_rope.finetune.loss`; the same loss up to float32
+            rounding); 0 builds the full ``[batch, seq, vocab]`` logits as ``model(**batch).loss``.
         mixed_precision: one of :data:`MIXED_PRECISION` (reference: bf16).
         lora: train LoRA adapters instead of all weights (reference: rank 16, alpha 64,
             dropout 0.05, on every linear layer but the output head).
@@ -93,7 +124,20 @@ class FinetuneRecipe:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     seed: int = 42
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    extrapolation_factor: float | None = None
+    truncate: bool | None = None
+    attention_factor: float | None = None
+    attn_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    mscale_coefficient: float | None = None
+    finetuned: bool | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
     gradient_checkpointing: bool = True
+    loss_chunk_size: int = 1024
     mixed_precision: str = "auto"
     lora: bool = False
     lora_rank: int = 16
@@ -113,10 +157,11 @@ class FinetuneRecipe:
         original = self.original_max_position_embeddings
         if original is not None:
             original = _whole("original_max_position_embeddings", original, minimum=2)
-        probe = RopeScaling(  # validates the method and the factor (ValueError naming them)
+        probe = RopeScaling(  # validates the method, the factor and the settings (errors name them)
             method=self.method,
             factor=None if self.method == "none" else factor,
             original_max_position_embeddings=original or _PROBE_ORIGINAL,
+            **self.settings(),
         )
         if probe.is_dynamic:
             static = self.method.removeprefix("dynamic-")
@@ -128,6 +173,8 @@ class FinetuneRecipe:
         set_ = self._set
         set_("factor", float(factor))
         set_("original_max_position_embeddings", original)
+        for name, value in self.settings().items():
+            set_(name, getattr(probe, name) if value is not None else None)
         if self.seq_len is not None:
             set_("seq_len", _whole("seq_len", self.seq_len, minimum=2))
             if original is not None:
@@ -154,6 +201,9 @@ class FinetuneRecipe:
         set_("adam_betas", (float(betas[0]), float(betas[1])))
         set_("adam_eps", _positive("adam_eps", self.adam_eps))
         set_("seed", _whole("seed", self.seed, minimum=0))
+        set_(
+            "loss_chunk_size", _whole("loss_chunk_size (0: the full logits)", self.loss_chunk_size, minimum=0)
+        )
         for flag in ("gradient_checkpointing", "lora"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -181,9 +231,14 @@ class FinetuneRecipe:
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
 
+    def settings(self) -> dict[str, Any]:
+        """The scaling settings this recipe gives (those of :data:`SCALING_SETTINGS` not ``None``)."""
+        values = {name: getattr(self, name) for name in SCALING_SETTINGS}
+        return {name: value for name, value in values.items() if value is not None}
+
     def _check_seq_len(self, original: int) -> None:
         context = self.scaled_context(original)
-        if self.seq_len is not None and self.seq_len > context:
+        if self.method != "none" and self.seq_len is not None and self.seq_len > context:
             raise ValueError(
                 f"seq_len={self.seq_len} is beyond the scaled context {context} (factor {self.factor:g} x "
                 f"original {original}): the model would see positions it was never extended to; raise "
@@ -223,6 +278,7 @@ class FinetuneRecipe:
             method=self.method,
             factor=self.factor,
             original_max_position_embeddings=self.original_max_position_embeddings,
+            **self.settings(),
         )
 
     def global_batch(self, processes: int = 1) -> int:

@@ -54,6 +54,7 @@ from .._files import write_json
 from .._progress import progress_bar
 from ..config import RopeScaling
 from .data import PackedData, PackedSequences, _checked_ids, prepare_data
+from .loss import causal_lm_loss
 from .recipe import FinetuneRecipe
 
 __all__ = [
@@ -424,6 +425,16 @@ def original_context(model_or_config: Any) -> int:
     return value
 
 
+def plain_rope_warning(seq_len: int, original: int) -> str:
+    """What a plain-RoPE run beyond the original context is: a control, not an extension."""
+    return (
+        f"method 'none' with seq_len={seq_len} beyond the model's context {original}: this trains plain "
+        "RoPE at positions it never saw, with no scaling. That is the control of an extension study "
+        "(how much does fine-tuning alone extend the context?), not a context extension; choose a "
+        "method and a factor to extend"
+    )
+
+
 def _compare_run(checkpoint: Path, recipe: FinetuneRecipe, fingerprint: str, processes: int) -> int:
     with open(checkpoint / RUN_FILE, encoding="utf-8") as handle:
         saved = json.load(handle)
@@ -634,17 +645,14 @@ class FinetuneRun:
             the resolved recipe (also :attr:`recipe`).
 
         Raises:
-            ValueError: ``seq_len`` beyond the scaled context, or beyond the model's context with
-                method ``none``.
+            ValueError: ``seq_len`` beyond the scaled context. With method ``none`` a ``seq_len``
+                beyond the model's context is allowed, with a warning (:func:`plain_rope_warning`).
         """
         recipe = self.recipe.resolve(original_context(model_or_config))
         seq_len, original = recipe.seq_len, recipe.original_max_position_embeddings
         assert seq_len is not None and original is not None
         if recipe.method == "none" and seq_len > original:
-            raise ValueError(
-                f"seq_len={seq_len} is beyond the model's context {original} and method 'none' scales "
-                "nothing: choose a method and factor, or shorten seq_len"
-            )
+            logger.warning(plain_rope_warning(seq_len, original))
         self.recipe = recipe
         self.lengths = [seq_len] if self._eval_lengths is None else self._eval_lengths
         self.vocab_size = _vocabulary(model_or_config)
@@ -878,8 +886,8 @@ class FinetuneRun:
         grad_norm = torch.full((), math.nan, device=accelerator.device)
         for _ in range(recipe.gradient_accumulation):
             batch = next(self._batches)
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
+            with accelerator.accumulate(model), _context_parallel(accelerator, batch) as batch:
+                loss = causal_lm_loss(model, batch, chunk_size=recipe.loss_chunk_size)
                 accelerator.backward(loss)
                 total += loss.detach().float()
                 if accelerator.sync_gradients:
@@ -1110,6 +1118,30 @@ def _accelerator_for(recipe: FinetuneRecipe, accelerator: Any | None) -> Any:
             "process): train LoRA data parallel, or train all weights under FSDP/DeepSpeed"
         )
     return accelerator
+
+
+@contextlib.contextmanager
+def _context_parallel(accelerator: Any, batch: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """``batch``, split along the sequence over the context-parallel ranks when the launch asks for it
+    (accelerate's ``parallelism_config`` with ``cp_size > 1``, FSDP2, SDPA: ring attention over the
+    ranks; ``examples/accelerate/fsdp2_context_parallel.yaml``); unchanged otherwise.
+
+    The labels are shifted before the split (``shift_labels``), so that each shard's last position
+    is scored against the next shard's first token. Not run here: it needs several GPUs.
+    """
+    config = getattr(accelerator, "parallelism_config", None)
+    if config is None or not getattr(config, "cp_enabled", False):
+        yield batch
+        return
+    from .loss import shift_labels
+
+    sharded = {name: value for name, value in batch.items() if name != "labels"}
+    sharded["shift_labels"] = shift_labels(batch["labels"])  # scored instead of labels
+    buffers = list(sharded.values())
+    with accelerator.maybe_context_parallel(
+        buffers=buffers, buffer_seq_dims=[1] * len(buffers), no_restore_buffers=set(buffers)
+    ):
+        yield sharded
 
 
 def _is_sharded(accelerator: Any) -> bool:
