@@ -65,8 +65,10 @@ def run_scorer(
     *,
     environment: dict[str, str] | None = None,
     timeout: float = 3600,
+    script: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Run this script with ``python`` (vLLM's venv) on ``job``; its OUT.json plus ``scorer_s``.
+    """Run this script (or ``script``, which takes the same arguments) with ``python`` (vLLM's venv)
+    on ``job``; its OUT.json plus ``scorer_s``.
 
     The environment is the caller's, without ``PYTHONPATH`` (vLLM's venv, not yarn_rope's sources),
     with a 4 GiB CPU KV cache and every core bound unless already set, then ``environment`` (the
@@ -80,7 +82,7 @@ def run_scorer(
     env.update(environment or {})
     started = time.perf_counter()
     result = subprocess.run(
-        [os.fspath(python), __file__, str(job_path), str(out_path)],
+        [os.fspath(python), os.fspath(script or __file__), str(job_path), str(out_path)],
         capture_output=True,
         text=True,
         env=env,

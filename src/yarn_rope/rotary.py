@@ -33,7 +33,15 @@ from . import _compat
 from .config import RopeScaling
 from .frequencies import _check_base, _check_dim
 
-__all__ = ["ANGLE_MODES", "AngleMode", "RotaryEmbedding", "reduced_angles", "rotate_half"]
+__all__ = [
+    "ANGLE_MODES",
+    "AngleMode",
+    "RotaryEmbedding",
+    "grid_point",
+    "grid_step",
+    "reduced_angles",
+    "rotate_half",
+]
 
 AngleMode = Literal["precise", "fp32"]
 ANGLE_MODES: tuple[str, ...] = ("precise", "fp32")
@@ -113,9 +121,7 @@ class RotaryEmbedding(nn.Module):
         threshold = self.scaling.threshold()
         if self.growth is None or threshold is None or seq_len <= threshold:
             return seq_len
-        steps = math.ceil(math.log(seq_len / threshold) / math.log(self.growth) - 1e-12)
-        # Rounded with a tolerance: threshold * sqrt(2)^2 is 64.00000000000001 in floats, not 65.
-        return max(seq_len, math.ceil(threshold * self.growth**steps - 1e-9))
+        return max(seq_len, grid_point(grid_step(seq_len, threshold, self.growth), threshold, self.growth))
 
     def _key(self, seq_len: int | None) -> object:
         """What the table at ``seq_len`` depends on (the registry's ``table_key``); ``None`` if static."""
@@ -202,6 +208,30 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}, method={self.scaling.method!r}, angles={self.angles!r}"
+
+
+def grid_step(seq_len: int, threshold: int, growth: float) -> int:
+    """The step ``k`` of the growth grid ``threshold * growth^k`` that serves ``seq_len`` tokens.
+
+    ``0`` for ``seq_len <= threshold`` (the initial table); otherwise the smallest ``k`` whose grid
+    point :func:`grid_point` is at least ``seq_len``. Shared by dynamic tables in transformers
+    (:class:`RotaryEmbedding` with ``growth``) and the vLLM plugin (:mod:`yarn_rope.vllm`), so both
+    choose the same table for the same length.
+    """
+    if seq_len <= threshold:
+        return 0
+    step = max(1, math.ceil(math.log(seq_len / threshold) / math.log(growth) - 1e-12))
+    while grid_point(step, threshold, growth) < seq_len:  # float rounding at a grid point
+        step += 1
+    return step
+
+
+def grid_point(step: int, threshold: int, growth: float) -> int:
+    """The longest sequence step ``step`` of the growth grid serves: ``ceil(threshold * growth^step)``.
+
+    Rounded with a tolerance: ``64 * sqrt(2)^2`` is 64.00000000000001 in floats, not 65.
+    """
+    return max(threshold, math.ceil(threshold * growth**step - 1e-9))
 
 
 def reduced_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

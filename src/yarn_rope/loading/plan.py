@@ -27,7 +27,7 @@ from .checkpoint import (
 )
 from .hardware import choose_attention, choose_dtype, uses_cuda
 
-__all__ = ["CODE_FAMILIES", "HUB_KEYS", "CodeFamily", "LoadPlan", "plan_load"]
+__all__ = ["CODE_FAMILIES", "HUB_KEYS", "CodeFamily", "LoadPlan", "code_family", "plan_load"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class LoadPlan:
         return out
 
 
-def _code_family(entry: str | None) -> tuple[str | None, CodeFamily | None]:
+def code_family(entry: str | None) -> tuple[str | None, CodeFamily | None]:
     """(module name, known family) of an auto_map entry such as ``repo--modeling_x.Class``."""
     if entry is None:
         return None, None
@@ -206,7 +206,7 @@ def plan_load(
 
     model_type = _native_model_type(raw, where)
     entry = remote_modeling_entry(raw)
-    module, family = _code_family(entry)
+    module, family = code_family(entry)
     declaration = _read_declaration(raw, where)
     declared_scaling, reasons = _declared_scaling(declaration, family, module, where)
     if scaling is not None:

@@ -331,10 +331,6 @@ def to_hf(spec: MethodSpec, settings: Settings) -> dict[str, Any]:
 # Any method by name
 # ------------------------------------------------------------------------------------------------
 
-# ------------------------------------------------------------------------------------------------
-# Any method by name
-# ------------------------------------------------------------------------------------------------
-
 
 def inv_freq(method: str, dim: int, *, base: float, **params: Any) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and attention scaling of any method by name.

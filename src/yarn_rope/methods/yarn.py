@@ -6,6 +6,7 @@ by the factor, low frequencies), and the attention scaling ``0.1 ln s + 1``.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -310,6 +311,36 @@ _NO_DYNAMIC_YARN = (
 )
 
 
+def vllm_installed() -> bool:
+    """Whether vLLM is importable here, and so yarn_rope's plugin with it (the entry point is ours)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _vllm_plugin_missing(s: Settings) -> str | None:
+    if vllm_installed():
+        return None
+    return (
+        "vLLM serves dynamic YaRN per request only through yarn_rope's plugin (yarn_rope.vllm), and vLLM is "
+        "not installed here: install yarn-rope[vllm] (pip install 'yarn-rope[vllm]') where vLLM runs and "
+        "export there; vLLM alone would serve one static table for every length"
+    )
+
+
+def _vllm_dynamic_yarn(s: Settings, model: S.ServeModel) -> S.EngineSettings:
+    from . import get, to_hf
+
+    rope = to_hf(get("dynamic-yarn"), s)
+    return S.EngineSettings(
+        rope,
+        notes=(
+            "served per request by yarn_rope's vLLM plugin (yarn_rope.vllm, loaded by vLLM from the "
+            "yarn-rope[vllm] install, vLLM 0.32.x): each request gets the dynamic-YaRN table of its own "
+            'length on a grid of sqrt(2) steps (additional_config={"yarn_rope": {"schedule": g}} sets '
+            "another), plain RoPE within the original context",
+        ),
+    )
+
+
 def _serve_factor(s: Settings, context: int | None) -> float:
     original: int = s["original_max_position_embeddings"]
     if s["finetuned"] and s["factor"] is not None:
@@ -393,6 +424,9 @@ register(
         factor_is_key=True,
         factor_follows_length=lambda s: not s.get("finetuned"),
         attention=_yarn_attention,
-        engines=S.refuse(_NO_DYNAMIC_YARN, _dynamic_yarn_closest),
+        engines={
+            **S.refuse(_NO_DYNAMIC_YARN, _dynamic_yarn_closest),
+            "vllm": S.EngineSpelling(_vllm_dynamic_yarn, _vllm_plugin_missing, _dynamic_yarn_closest),
+        },
     )
 )
