@@ -25,7 +25,7 @@ import torch
 import yarn_rope
 from yarn_rope import methods as M
 from yarn_rope.cli import main
-from yarn_rope.export import TARGETS, export, export_targets
+from yarn_rope.export import TARGETS, export, export_targets, source_settings
 
 DIM = 128
 BASE = 10000.0
@@ -900,3 +900,16 @@ def test_vllm_note_on_the_tokenizer_length():
     result = export(yarn_rope.RopeScaling(**EXAMPLES["yarn"]), "vllm", rope_theta=BASE)
     note = next(note for note in result.notes if "model_max_length" in note)
     assert "does not cap max_model_len" in note and "pooling" in note
+
+
+def test_source_settings_reads_what_export_and_verify_use(tmp_path):
+    """The public reader: the source's declared settings, the caller's changes over them, and the
+    original context (the scaling's, else the config's max_position_embeddings)."""
+    config = {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 2, "rope_theta": BASE}
+    folder = _config_folder(tmp_path, "plain", {**config, "max_position_embeddings": 4096})
+    read = source_settings(folder, method="yarn", factor=2.0)
+    assert read.label == str(folder) and read.declared.method == "none"
+    wanted = yarn_rope.RopeScaling(method="yarn", factor=2.0, original_max_position_embeddings=4096)
+    assert read.scaling == wanted
+    assert read.max_position_embeddings == 4096 and read.original_max_position_embeddings == 4096
+    assert export(folder, "vllm", method="yarn", factor=2.0).scaling.factor == read.scaling.factor

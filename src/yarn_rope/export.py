@@ -30,7 +30,17 @@ from . import frequencies as F
 from . import methods as M
 from .config import RopeScaling, original_length_fallback, read_rope
 
-__all__ = ["TARGETS", "Approximation", "ExportResult", "Target", "TargetCheck", "export", "export_targets"]
+__all__ = [
+    "TARGETS",
+    "Approximation",
+    "ExportResult",
+    "SourceSettings",
+    "Target",
+    "TargetCheck",
+    "export",
+    "export_targets",
+    "source_settings",
+]
 
 
 _LLAMACPP_DEFAULTS = {
@@ -362,6 +372,25 @@ def _read_source(
     )
 
 
+def _source(
+    source: Any, *, gguf_file: str | None, rope_theta: float | None, rotary_dim: int | None
+) -> _Source:
+    """The source read, with the caller's ``rope_theta`` / ``rotary_dim`` over what it states."""
+    if rope_theta is not None:
+        rope_theta = F._check_base(rope_theta)
+    if rotary_dim is not None:
+        rotary_dim = F._check_dim(rotary_dim)
+    src = _read_source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
+    if rope_theta is None and rotary_dim is None:
+        return src
+    model = dataclasses.replace(
+        src.model,
+        rope_theta=rope_theta if rope_theta is not None else src.model.rope_theta,
+        rotary_dim=rotary_dim if rotary_dim is not None else src.model.rotary_dim,
+    )
+    return dataclasses.replace(src, model=model)
+
+
 def _with_overrides(src: _Source, scaling: RopeScaling | None, settings: Mapping[str, Any]) -> RopeScaling:
     """The settings to export: the source's, replaced by ``scaling`` or changed by ``settings``."""
     if scaling is not None:
@@ -392,6 +421,64 @@ def _with_overrides(src: _Source, scaling: RopeScaling | None, settings: Mapping
             original = original_length_fallback(src.max_position_embeddings, what=f"export of {src.label}")
         fields["original_max_position_embeddings"] = original
     return RopeScaling(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSettings:
+    """What :func:`source_settings` read: the rope settings a source states, changed as asked.
+
+    Attributes:
+        label: how messages name the source (its path; ``"config"``, ``"model"`` or ``"settings"``).
+        scaling: the settings to serve: the source's, replaced by ``scaling=`` or changed by
+            ``**settings`` (what :func:`export` spells and :func:`yarn_rope.verify` checks).
+        declared: the settings the source itself states (``method="none"`` when it states none).
+        max_position_embeddings: the context length the source's config states (``None``: none).
+    """
+
+    label: str
+    scaling: RopeScaling
+    declared: RopeScaling
+    max_position_embeddings: int | None
+    _source: _Source = dataclasses.field(repr=False, compare=False)  # the model facts export renders
+
+    @property
+    def original_max_position_embeddings(self) -> int | None:
+        """The pretrained context ``scaling`` extends: its own, else the source's context length."""
+        return self.scaling.original_max_position_embeddings or self.max_position_embeddings
+
+
+def source_settings(
+    source: Any,
+    *,
+    scaling: RopeScaling | None = None,
+    gguf_file: str | None = None,
+    rope_theta: float | None = None,
+    rotary_dim: int | None = None,
+    **settings: Any,
+) -> SourceSettings:
+    """Read the rope settings of ``source`` as :func:`export` does, with the caller's changes.
+
+    Args:
+        source, scaling, gguf_file, rope_theta, rotary_dim, **settings: as :func:`export` takes them
+            (a checkpoint folder, a ``config.json`` path or dict, a GGUF file, a ``RopeScaling`` or a
+            transformers model; settings that replace or change what it declares).
+
+    Returns:
+        :class:`SourceSettings`.
+
+    Raises:
+        FileNotFoundError: no such source.
+        ValueError: a source without RoPE, an unreadable file, bad settings.
+        TypeError: a source of another kind, a ``scaling`` that is not a ``RopeScaling``.
+    """
+    src = _source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
+    return SourceSettings(
+        label=src.label,
+        scaling=_with_overrides(src, scaling, settings),
+        declared=src.scaling,
+        max_position_embeddings=src.max_position_embeddings,
+        _source=src,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -868,8 +955,10 @@ def export(
         TypeError: a source of another kind.
     """
     chosen = _target(target)
-    src = _source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
-    requested = _with_overrides(src, scaling, settings)
+    read = source_settings(
+        source, scaling=scaling, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim, **settings
+    )
+    src, requested = read._source, read.scaling
     context = _context(requested, src, context_length)
     exported, approximation = requested, None
     spelled = M.EngineSettings({})
@@ -935,25 +1024,6 @@ def _target(name: str) -> Target:
     if found is None:
         raise ValueError(f"unknown export target {name!r}; targets: {', '.join(TARGETS)}")
     return found
-
-
-def _source(
-    source: Any, *, gguf_file: str | None, rope_theta: float | None, rotary_dim: int | None
-) -> _Source:
-    """The source read, with the caller's ``rope_theta`` / ``rotary_dim`` over what it states."""
-    if rope_theta is not None:
-        rope_theta = F._check_base(rope_theta)
-    if rotary_dim is not None:
-        rotary_dim = F._check_dim(rotary_dim)
-    src = _read_source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
-    if rope_theta is None and rotary_dim is None:
-        return src
-    model = dataclasses.replace(
-        src.model,
-        rope_theta=rope_theta if rope_theta is not None else src.model.rope_theta,
-        rotary_dim=rotary_dim if rotary_dim is not None else src.model.rotary_dim,
-    )
-    return dataclasses.replace(src, model=model)
 
 
 # ------------------------------------------------------------------------------------------------

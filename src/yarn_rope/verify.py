@@ -533,11 +533,10 @@ def _reference_scaling(
     source: Any, gguf_file: str | None, scaling: RopeScaling | None, settings: Mapping[str, Any]
 ) -> tuple[RopeScaling, int]:
     """(the scaling to check, where the beyond band starts), from SOURCE's config only."""
-    from .export import _source, _with_overrides
+    from .export import source_settings
 
-    src = _source(source, gguf_file=gguf_file, rope_theta=None, rotary_dim=None)
-    chosen = _with_overrides(src, scaling, settings)
-    original = chosen.original_max_position_embeddings or src.max_position_embeddings
+    read = source_settings(source, scaling=scaling, gguf_file=gguf_file, **settings)
+    chosen, original = read.scaling, read.original_max_position_embeddings
     if original is None:
         raise ValueError(
             f"SOURCE {source}: states no original context length; pass original_max_position_embeddings"
