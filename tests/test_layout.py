@@ -3,8 +3,8 @@
 The order is the README's "Layout" section (checked below): ``_files``, ``_compat``,
 ``_progress``, then ``frequencies`` (pure math: torch and math only), ``methods/`` (the
 registry), ``config``, ``rotary``, ``cache``, ``patch``, ``gguf``, ``loading/``, ``export``,
-``eval/``, ``finetune/``, ``cli/``. A lower module may use a higher one, never the reverse, so
-that, e.g., the pure math never depends on transformers-facing code. Imports inside functions
+``vllm/`` (the vLLM plugin), ``eval/``, ``finetune/``, ``cli/``. A lower module may use a higher
+one, never the reverse, so that, e.g., the pure math never depends on transformers-facing code. Imports inside functions
 count too. Inside ``methods/`` the same rule holds for its own files (:data:`METHOD_LAYERS`).
 """
 
@@ -29,6 +29,7 @@ LAYERS = [
     "gguf",
     "loading",
     "export",
+    "vllm",
     "eval",
     "verify",
     "finetune",

@@ -56,6 +56,7 @@ EXPORT = "docs/guides/export-and-serve.md"
 EVALUATE = "docs/guides/evaluate.md"
 FINETUNE = "docs/guides/finetune.md"
 METHODS = "docs/guides/methods.md"
+VLLM_DYNAMIC = "docs/guides/vllm-dynamic.md"
 
 # Every page: the README, then docs/ (guides, contributing notes, ...) in path order.
 PAGES: dict[str, str] = {
@@ -92,6 +93,14 @@ Key = tuple[str, str]  # (page, pattern matching exactly one of its runnable blo
 
 # Blocks not run here, each with the reason.
 SKIPPED: dict[Key, str] = {
+    (VLLM_DYNAMIC, r"^pip install 'yarn-rope\[vllm\]'$"): (
+        "installs vLLM (its CUDA build from PyPI) and serves a model: tests/test_vllm_dynamic.py runs the "
+        "export's settings on vLLM's CPU build with the plugin installed (.ci/vllm-venv)"
+    ),
+    (VLLM_DYNAMIC, r"^llm = vllm\.LLM\("): (
+        "needs vLLM in this environment: tests/test_vllm_dynamic.py builds vllm.LLM from the export's "
+        "keywords and additional_config in vLLM's venv"
+    ),
     (README, r"^python3 -m venv \.venv$"): (
         "creates a virtual environment and installs from the package index: CI's .ci/run runs these two "
         "lines in a fresh checkout before anything else"

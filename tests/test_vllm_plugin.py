@@ -256,3 +256,109 @@ def test_supported_releases():
     assert SUPPORTED_RELEASES == ("0.32",)
     assert supported("0.32.0") and supported("0.32.1+cpu")
     assert not supported("0.33.0") and not supported("0.3.2") and not supported("unknown")
+
+
+# ------------------------------------------------------------------------------------------------
+# register(): on a stand-in vLLM (the real one is in tests/test_vllm_dynamic.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A minimal ``vllm`` package: its version, get_rope, a model file that bound get_rope, and the
+    scheduler class the plugin wraps."""
+    calls = []
+
+    def get_rope(head_size, max_position, is_neox_style=True, rope_parameters=None, dtype=None):
+        calls.append(rope_parameters)
+        return "vllm's own"
+
+    class Scheduler:
+        def add_request(self, request):
+            return "added"
+
+        def schedule(self, *args, **kwargs):
+            return "scheduled"
+
+    modules = {
+        "vllm": types.ModuleType("vllm"),
+        "vllm.model_executor": types.ModuleType("vllm.model_executor"),
+        "vllm.model_executor.layers": types.ModuleType("vllm.model_executor.layers"),
+        "vllm.model_executor.layers.rotary_embedding": types.ModuleType("rotary_embedding"),
+        "vllm.model_executor.models": types.ModuleType("vllm.model_executor.models"),
+        "vllm.model_executor.models.llama": types.ModuleType("llama"),
+        "vllm.v1": types.ModuleType("vllm.v1"),
+        "vllm.v1.core": types.ModuleType("vllm.v1.core"),
+        "vllm.v1.core.sched": types.ModuleType("vllm.v1.core.sched"),
+        "vllm.v1.core.sched.scheduler": types.ModuleType("scheduler"),
+    }
+    modules["vllm.model_executor.layers.rotary_embedding"].get_rope = get_rope
+    modules["vllm.model_executor.layers"].rotary_embedding = modules[
+        "vllm.model_executor.layers.rotary_embedding"
+    ]
+    modules["vllm.model_executor.models.llama"].get_rope = get_rope
+    modules["vllm.v1.core.sched.scheduler"].Scheduler = Scheduler
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return types.SimpleNamespace(modules=modules, calls=calls, Scheduler=Scheduler, get_rope=get_rope)
+
+
+OURS = {"rope_type": "yarn_rope.dynamic-yarn", "original_max_position_embeddings": 256}
+
+
+def test_an_unsupported_release_refuses_our_types_and_leaves_the_rest(fake_vllm):
+    from yarn_rope.vllm import register
+
+    fake_vllm.modules["vllm"].__version__ = "0.40.1"
+    register()
+    get_rope = fake_vllm.modules["vllm.model_executor.layers.rotary_embedding"].get_rope
+    assert fake_vllm.modules["vllm.model_executor.models.llama"].get_rope is get_rope  # rebound
+    assert get_rope(64, 4096, True, {"rope_type": "yarn", "factor": 2.0}) == "vllm's own"
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x; this is vLLM 0\.40\.1"):
+        get_rope(64, 4096, True, OURS)
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x"):
+        get_rope(64, max_position=4096, rope_parameters=OURS)
+    assert "__wrapped__" not in fake_vllm.Scheduler.__dict__["schedule"].__dict__  # scheduler untouched
+    register()  # again, as vLLM does per process: not stacked
+    assert fake_vllm.modules["vllm.model_executor.layers.rotary_embedding"].get_rope is get_rope
+
+
+def test_a_supported_release_wraps_once_and_passes_other_models_through(fake_vllm):
+    from yarn_rope.vllm import register
+
+    fake_vllm.modules["vllm"].__version__ = "0.32.0"
+    register()
+    get_rope = fake_vllm.modules["vllm.model_executor.layers.rotary_embedding"].get_rope
+    assert get_rope.__wrapped__ is fake_vllm.get_rope
+    assert get_rope(64, 4096, True, {"rope_type": "default"}) == "vllm's own"
+    schedule = fake_vllm.Scheduler.schedule
+    assert schedule.__wrapped__.__name__ == "schedule"
+    register()
+    assert fake_vllm.modules["vllm.model_executor.layers.rotary_embedding"].get_rope is get_rope
+    assert fake_vllm.Scheduler.schedule is schedule
+    # A scheduler of a model without a yarn_rope type runs vLLM's own code, untouched.
+    scheduler = fake_vllm.Scheduler()
+    scheduler.vllm_config = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(
+            hf_text_config=types.SimpleNamespace(rope_parameters={"rope_type": "yarn", "factor": 2.0}),
+            hf_config=None,
+            max_model_len=4096,
+        ),
+        additional_config={},
+    )
+    scheduler.requests = {}
+    assert scheduler.schedule() == "scheduled" and scheduler.add_request(FakeRequest("a", 10)) == "added"
+
+
+def test_engine_features_that_cannot_be_served_exactly_are_refused():
+    from yarn_rope.vllm._model import _refuse_unsupported
+
+    def config(speculative=None, pp=1, dp=1):
+        parallel = types.SimpleNamespace(pipeline_parallel_size=pp, data_parallel_size=dp)
+        return types.SimpleNamespace(speculative_config=speculative, parallel_config=parallel)
+
+    _refuse_unsupported(config())  # tensor parallelism alone: allowed
+    with pytest.raises(ValueError, match="speculative decoding"):
+        _refuse_unsupported(config(speculative=object()))
+    with pytest.raises(ValueError, match=r"pipeline parallelism.*data parallelism"):
+        _refuse_unsupported(config(pp=2, dp=2))

@@ -104,12 +104,13 @@ def recompute_crossings(scheduler: Any, tables: Tables) -> list[str]:
 
 
 def _add_request(original: Callable[..., Any]) -> Callable[..., Any]:
-    def add_request(self: Any, request: Any) -> None:
+    def add_request(self: Any, request: Any) -> Any:
         known = request.request_id in self.requests
-        original(self, request)
+        result = original(self, request)
         tables = _tables(self)
         if tables is not None and not known:
             tables.assign(request, int(request.num_tokens))
+        return result
 
     return add_request
 
