@@ -4,8 +4,9 @@ The order is the README's "Layout" section (checked below): ``_files``, ``_compa
 ``_progress``, then ``frequencies`` (pure math: torch and math only), ``methods/`` (the
 registry), ``config``, ``rotary``, ``cache``, ``patch``, ``gguf``, ``loading/``, ``export``,
 ``vllm/`` (the vLLM plugin), ``eval/``, ``finetune/``, ``cli/``. A lower module may use a higher
-one, never the reverse, so that, e.g., the pure math never depends on transformers-facing code. Imports inside functions
-count too. Inside ``methods/`` the same rule holds for its own files (:data:`METHOD_LAYERS`).
+one, never the reverse, so that, e.g., the pure math never depends on transformers-facing code.
+Imports inside functions count too. Inside ``methods/`` the same rule holds for its own files
+(:data:`METHOD_LAYERS`).
 """
 
 from __future__ import annotations
