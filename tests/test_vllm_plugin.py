@@ -362,3 +362,14 @@ def test_engine_features_that_cannot_be_served_exactly_are_refused():
         _refuse_unsupported(config(speculative=object()))
     with pytest.raises(ValueError, match=r"pipeline parallelism.*data parallelism"):
         _refuse_unsupported(config(pp=2, dp=2))
+
+
+def test_export_refuses_a_dynamic_context_that_never_scales(folder, monkeypatch):
+    from yarn_rope.methods import yarn as family
+
+    monkeypatch.setattr(family, "vllm_installed", lambda: True)
+    with pytest.raises(ValueError, match=r"never leaves its first table.*--context-length"):
+        export(folder, "vllm", method="dynamic-yarn")  # the context would be the original 1,024
+    with pytest.raises(ValueError, match="never leaves its first table"):
+        export(folder, "vllm", method="dynamic-yarn", context_length=1024)
+    assert export(folder, "vllm", method="dynamic-yarn", context_length=1025).python["max_model_len"] == 1025

@@ -1011,6 +1011,8 @@ def export(
         if approximation is not None and not exported.is_dynamic and requested.is_dynamic:
             context = _context(exported, src, context_length) or context
     exported = exported.with_target(context, serving=True)
+    if chosen.engine is not None:  # an engine serves up to the context; transformers grows at will
+        _check_dynamic_context(exported, context)
     _check_frequency_factors(chosen, exported, src)
     if chosen.engine is not None:
         spelling = exported.spec.engines[chosen.engine]
@@ -1040,6 +1042,17 @@ def export(
         approximation=approximation,
         output=rendered.output,
     )
+
+
+def _check_dynamic_context(scaling: RopeScaling, context: int | None) -> None:
+    """A dynamic method served as such needs a context beyond its threshold, or it never scales."""
+    threshold = scaling.threshold() if scaling.is_dynamic else None
+    if threshold is not None and context is not None and context <= threshold:
+        raise ValueError(
+            f"{_describe(scaling)} served up to {context} tokens never leaves its first table (it changes "
+            f"beyond {threshold} tokens): pass context_length= (--context-length), the longest sequence to "
+            "serve, e.g. 4 times the original context"
+        )
 
 
 def _check_frequency_factors(chosen: Target, scaling: RopeScaling, src: _Source) -> None:
