@@ -160,6 +160,13 @@ def _runs(folder: Path) -> list[dict[str, Any]]:
             "engine": {**_engine(folder, ORIGINAL, 8320, angles="fp32", schedule=CROSS_GROWTH)},
             "calls": [[{"tokens": CROSS_PROMPT, "max_tokens": CROSS_NEW}]],
         },
+        {
+            "name": "small compiled",  # torch.compile (Dynamo traced once, eager backend: vLLM's CPU CI mode)
+            "engine": {**no_cache, "enforce_eager": False},
+            "env": {"VLLM_CPU_CI_ENV": "1"},
+            "in_process": True,
+            "calls": mixed_small,
+        },
         {"name": "small mixed", "engine": no_cache, "in_process": True, "calls": mixed_small},
         {
             "name": "small chunked",
@@ -307,7 +314,7 @@ def test_decoding_across_two_buckets_equals_a_full_forward_per_step(served):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["small mixed", "small chunked"])
+@pytest.mark.parametrize("run", ["small mixed", "small chunked", "small compiled"])
 def test_small_mixed_batch_agrees(served, run):
     short, long = _mixed_bands(served, run, SMALL, SMALL_SHORT, SMALL_LONG, "precise")
     assert agrees(short) and agrees(long), (short, long)

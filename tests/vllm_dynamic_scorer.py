@@ -10,7 +10,7 @@ JOB.json::
 
     {"ids": [token ids],
      "runs": [{"name": ..., "engine": {vllm.LLM keywords}, "variant": null | "one-table" |
-               "stale-keys" | "shared-prefix", "in_process": bool,
+               "stale-keys" | "shared-prefix", "in_process": bool, "env": {variables for this run},
                "calls": [[{"start": i, "tokens": n, "max_tokens": k, "prompt_logprobs": bool}, ...],
                          ...]}]}
 
@@ -98,6 +98,8 @@ def run(job_ids: list[int], spec: dict[str, Any]) -> dict[str, Any]:
         engine_kwargs.setdefault("distributed_executor_backend", "uni")
     else:
         os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    saved_environment = {name: os.environ.get(name) for name in spec.get("env", {})}
+    os.environ.update(spec.get("env", {}))
     restore = None
     if spec.get("variant"):
         if not spec.get("in_process"):
@@ -137,6 +139,11 @@ def run(job_ids: list[int], spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         if restore is not None:
             restore()
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return {"calls": calls, "load_s": loaded - started, "run_s": finished - loaded}
 
 
