@@ -318,6 +318,8 @@ def test_decoding_across_two_buckets_equals_a_full_forward_per_step(served):
 def test_small_mixed_batch_agrees(served, run):
     short, long = _mixed_bands(served, run, SMALL, SMALL_SHORT, SMALL_LONG, "precise")
     assert agrees(short) and agrees(long), (short, long)
+    compiled = served["runs"][run]["compilation"]["mode"]
+    assert ("NONE" not in compiled) == (run == "small compiled"), compiled
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ the breakage reaches them):
 * ``shared-prefix``: prefix-cache salts ignore the table, so blocks are shared across buckets.
 
 OUT.json: ``{"vllm": version, "runs": {name: {"calls": [[{"prompt_nll": [...] | null,
-"tokens": [generated ids], "logprobs": [their logprobs]}, ...]], "load_s", "run_s"}}}``.
+"tokens": [generated ids], "logprobs": [their logprobs]}, ...]], "load_s", "run_s",
+"compilation": {"mode", "backend"} of vLLM's final config}}}``.
 """
 
 from __future__ import annotations
@@ -133,6 +134,11 @@ def run(job_ids: list[int], spec: dict[str, Any]) -> dict[str, Any]:
                 ]
             )
         finished = time.perf_counter()
+        compilation = llm.llm_engine.vllm_config.compilation_config
+        compiled = {
+            "mode": getattr(compilation.mode, "name", str(compilation.mode)),
+            "backend": str(compilation.backend),
+        }
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
@@ -144,7 +150,7 @@ def run(job_ids: list[int], spec: dict[str, Any]) -> dict[str, Any]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return {"calls": calls, "load_s": loaded - started, "run_s": finished - loaded}
+    return {"calls": calls, "load_s": loaded - started, "run_s": finished - loaded, "compilation": compiled}
 
 
 def main(job_path: str, out_path: str) -> int:
