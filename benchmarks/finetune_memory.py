@@ -32,7 +32,7 @@ layer with the default, 3.3 with the fixed threshold, against 2.3 for the one st
 Each measurement's process is watched: above ``--max-rss-gb`` resident (default 20), or when the
 machine has under 1.5 GiB available, it is killed and recorded as "did not fit under N GB" instead
 of running the machine out of memory. ``--extend`` adds the lengths measured now to the report
-already in ``--json`` (its records at other lengths kept).
+already in ``--json`` (its other records kept); ``--arms`` measures one arm only.
 
 Expect about 20 minutes on 2 CPU cores for the default lengths (16k: several minutes per arm).
 ``--model tiny`` uses ``eval_memory.py``'s small random Llama (a 4,096-token vocabulary) at 256
@@ -173,7 +173,8 @@ def measure(
 
 def _rows(records: list[dict], lengths: list[int]) -> list[list]:
     def get(arm: str, length: int) -> dict:
-        return next(r for r in records if r["arm"] == arm and r["length"] == length)
+        missing = {"arm": arm, "length": length, "error": "not measured"}
+        return next((r for r in records if r["arm"] == arm and r["length"] == length), missing)
 
     rows = []
     for length in lengths:
@@ -215,12 +216,12 @@ HEADER = [
 ]
 
 
-def _earlier(path: str | None, lengths: list[int]) -> list[dict]:
-    """``--extend``: the records of the report at ``path`` at lengths not measured again now."""
+def _earlier(path: str | None, lengths: list[int], arms: list[str]) -> list[dict]:
+    """``--extend``: the records of the report at ``path`` that are not measured again now."""
     if not path or not Path(path).exists():
         return []
     report = json.loads(Path(path).read_text())
-    return [r for r in report["records"] if r["length"] not in lengths]
+    return [r for r in report["records"] if r["length"] not in lengths or r["arm"] not in arms]
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -233,8 +234,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument(
         "--extend",
         action="store_true",
-        help="keep the records already in --json at other lengths (those measured now are replaced)",
+        help="keep the records already in --json (those of the lengths and arms measured now are replaced)",
     )
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="default: both")
     parser.add_argument(
         "--max-rss-gb",
         type=float,
@@ -256,9 +258,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         parser.error("--lengths must be >= 2")
     if args.max_rss_gb <= 0:
         parser.error(f"--max-rss-gb must be > 0, got {args.max_rss_gb}")
-    records = _earlier(args.json, lengths) if args.extend else []
+    records = _earlier(args.json, lengths, args.arms) if args.extend else []
     for length in lengths:
-        for arm in ARMS:
+        for arm in args.arms:
             record = measure(
                 arm, length, args.model, fixed_threshold=not args.glibc_default, max_rss=args.max_rss_gb * 1e9
             )

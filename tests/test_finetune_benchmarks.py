@@ -83,10 +83,10 @@ def test_finetune_memory_guard(tmp_path):
         assert "peak_bytes" not in record
     assert report["headline"] == "nan" and report["max_rss_bytes"] == 5e7
     assert result.stdout.count("did not fit under 0.05 GB") == 2
-    # --extend keeps the report's records at the lengths not measured again.
-    again = subprocess.run(
-        [*command, "--extend", "--lengths", "128"], capture_output=True, text=True, cwd=tmp_path
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    # --extend keeps the report's records other than those measured again (here one arm at 128).
+    again = [*command, "--extend", "--lengths", "128", "--arms", "full"]
+    result = subprocess.run(again, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     extended = json.loads(out.read_text())
     assert extended["lengths"] == [128, 256] and extended["records"][:2] == report["records"]
+    assert [(r["arm"], r["length"]) for r in extended["records"][2:]] == [("full", 128)]
