@@ -34,7 +34,8 @@ machine has under 1.5 GiB available, it is killed and recorded as "did not fit u
 of running the machine out of memory. ``--extend`` adds the lengths measured now to the report
 already in ``--json`` (its other records kept); ``--arms`` measures one arm only.
 
-Expect about 20 minutes on 2 CPU cores for the default lengths (16k: several minutes per arm).
+Expect well over an hour on 2 CPU cores for the default lengths: measured on 2 shared, busy cores,
+8k took about 5 minutes per arm, 16k 14 (sliced) and 32 (full) minutes.
 ``--model tiny`` uses ``eval_memory.py``'s small random Llama (a 4,096-token vocabulary) at 256
 tokens (what the test suite runs, seconds).
 """
