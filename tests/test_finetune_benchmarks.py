@@ -4,7 +4,11 @@ promise (the headline is recomputed here from the reported figures); no figure i
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +67,26 @@ def test_finetune_memory_smoke(tmp_path, run_benchmark):
     assert sliced["peak_bytes"] >= sliced["before_step_bytes"] > 0
     assert report["headline"] == pytest.approx(full["peak_bytes"] / sliced["peak_bytes"])
     assert "full / sliced peak at 256 tokens" in printed
+
+
+def test_finetune_memory_guard(tmp_path):
+    """A measurement past --max-rss-gb is killed and recorded as not fitting; the run goes on."""
+    out = tmp_path / "memory.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_memory.py"
+    command = [sys.executable, str(script), "--model", "tiny", "--max-rss-gb", "0.05", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["arm"], r["length"]) for r in report["records"]] == [("sliced", 256), ("full", 256)]
+    for record in report["records"]:
+        assert record["error"].startswith("did not fit under 0.05 GB: killed after"), record
+        assert "peak_bytes" not in record
+    assert report["headline"] == "nan" and report["max_rss_bytes"] == 5e7
+    assert result.stdout.count("did not fit under 0.05 GB") == 2
+    # --extend keeps the report's records other than those measured again (here one arm at 128).
+    again = [*command, "--extend", "--lengths", "128", "--arms", "full"]
+    result = subprocess.run(again, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    extended = json.loads(out.read_text())
+    assert extended["lengths"] == [128, 256] and extended["records"][:2] == report["records"]
+    assert [(r["arm"], r["length"]) for r in extended["records"][2:]] == [("full", 128)]
