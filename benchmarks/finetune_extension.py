@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import random
@@ -112,8 +113,8 @@ PRESETS = {
         pretrain_steps=256,
         pretrain_batch=8,
         pretrain_lr=2e-3,
-        finetune_steps=25,
-        finetune_batch=2,
+        finetune_steps=30,
+        finetune_batch=1,
         pretrain_seeds=2,
         data_seeds=2,
         min_eval_documents=48,
@@ -491,16 +492,22 @@ def finetune_arm(
     )
 
 
-def held_out_documents(files: list[Path], tokenizer: Any, shortest: int) -> tuple[list[torch.Tensor], int]:
-    """``[BOS] ids`` of the held-out files with at least ``shortest`` tokens, and their bytes."""
+def held_out_documents(files: list[Path], tokenizer: Any) -> tuple[list[torch.Tensor], float]:
+    """``[BOS] ids`` of every held-out file, and the bytes per token over them all."""
     documents, size = [], 0
     for path in files:
         text = read(path)
-        ids = [tokenizer.bos_token_id, *tokenizer(text)["input_ids"]]
-        if len(ids) >= shortest:
-            documents.append(torch.tensor(ids, dtype=torch.long))
-            size += len(text.encode("utf-8"))
-    return documents, size
+        documents.append(torch.tensor([tokenizer.bos_token_id, *tokenizer(text)["input_ids"]]))
+        size += len(text.encode("utf-8"))
+    return documents, size / sum(doc.numel() - 1 for doc in documents)
+
+
+def scored_documents(documents: list[torch.Tensor], edges: list[int], wanted: int) -> list[torch.Tensor]:
+    """The files every band is scored on: those that reach the longest length if there are ``wanted``
+    of them (the same files in every band); else those that reach the shortest, each band then scored
+    on the files that reach its end."""
+    longest = [doc for doc in documents if doc.numel() >= edges[-1]]
+    return longest if len(longest) >= wanted else [doc for doc in documents if doc.numel() >= edges[1]]
 
 
 def band_perplexity(sums: np.ndarray, tokens: np.ndarray) -> list[float]:
@@ -620,14 +627,18 @@ def corpus(preset: Preset, seed: int) -> dict[str, Any]:
         sizes = np.cumsum([len(text) for text in training])
         training = training[: int(np.searchsorted(sizes, preset.tokenizer_bytes)) + 1]
     tokenizer = bpe_tokenizer(training, preset.vocabulary)
-    documents, held_bytes = held_out_documents(split["held_out"], tokenizer, preset.context // 2)
+    held_out, bytes_per_token = held_out_documents(split["held_out"], tokenizer)
+    documents = scored_documents(held_out, band_edges(preset.context), preset.min_eval_documents)
     return {
         "files": files,
         "split": split,
         "texts": texts,
         "tokenizer": tokenizer,
         "documents": documents,
-        "bytes_per_token": held_bytes / sum(doc.numel() - 1 for doc in documents),
+        "held_out_reaching": {
+            str(n): sum(doc.numel() >= n for doc in held_out) for n in band_edges(preset.context)[1:]
+        },
+        "bytes_per_token": bytes_per_token,
     }
 
 
@@ -659,7 +670,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{len(split['finetune'])} / {len(split['held_out'])} "
         f"(pretrain / fine-tune / held out, seed {args.split_seed}); BPE of "
         f"{len(tokenizer)} tokens, {data['bytes_per_token']:.2f} bytes per token on the held-out files; "
-        f"held-out files reaching each length: {reaching}"
+        f"held-out files reaching each length: {data['held_out_reaching']}; "
+        f"scored: {reaching}"
     )
     if reaching[str(edges[-1])] < preset.min_eval_documents:
         print(
@@ -716,7 +728,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  fine-tuned data seed {data_seed}: {time.perf_counter() - began:.0f} s so far")
     seconds["pretraining"] = sum(entry["seconds"] for entry in pretraining)
     seconds["finetuning_and_evaluation"] = finetune_seconds
-    if not args.workdir:
+    if args.workdir:  # the raw figures, kept with the models
+        raw = {
+            "before": before,
+            "after": after,
+            "pretraining": pretraining,
+            "check": check,
+            "seconds": seconds,
+        }
+        (work / "raw.json").write_text(json.dumps(raw))
+    else:
         shutil.rmtree(work, ignore_errors=True)
     return report_run(args, preset, data, reaching, before, after, pretraining, check, began, seconds)
 
@@ -823,7 +844,8 @@ def report_run(
         "bands": names,
         "band_edges": edges,
         "band_tokens": [int(t) for t in tokens],
-        "documents_reaching": reaching,
+        "held_out_reaching": data["held_out_reaching"],
+        "documents_scored": reaching,
         "band_perplexity": band_ppl,
         "prefix_check": check,
         "pretraining": pretraining,
