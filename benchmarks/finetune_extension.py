@@ -439,18 +439,14 @@ def pretrain(preset: Preset, tokenizer: Any, data: PackedData, seed: int, work: 
         gradient_checkpointing=False,
         seed=seed,
     )
-    run = finetune(
-        model,
-        data,
-        output=work / f"pretrained-{seed}",
-        recipe=recipe,
-        tokenizer=tokenizer,
-        eval_every=0,
-        checkpoint_every=0,
-        plot=False,
-        progress=False,
-    )
+    run = train(model, data, recipe, tokenizer, work / f"pretrained-{seed}")
     return run.model, run
+
+
+def train(model: Any, data: PackedData, recipe: FinetuneRecipe, tokenizer: Any, output: Path) -> Any:
+    """:func:`yarn_rope.finetune.finetune` without its own evaluations, checkpoints, plot or bar."""
+    return finetune(model, data, output=output, recipe=recipe, tokenizer=tokenizer, eval_every=0,
+                    checkpoint_every=0, plot=False, progress=False)  # fmt: skip
 
 
 def finetune_arm(
@@ -479,17 +475,7 @@ def finetune_arm(
         seed=seed,
         **dict(arm.settings),
     )
-    return finetune(
-        model,
-        data,
-        output=work / f"{arm.name}-{seed}",
-        recipe=recipe,
-        tokenizer=tokenizer,
-        eval_every=0,
-        checkpoint_every=0,
-        plot=False,
-        progress=False,
-    )
+    return train(model, data, recipe, tokenizer, work / f"{arm.name}-{seed}")
 
 
 def held_out_documents(files: list[Path], tokenizer: Any) -> tuple[list[torch.Tensor], float]:

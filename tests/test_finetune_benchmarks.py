@@ -4,9 +4,9 @@ figure is asserted. The mini-replication's statistics are also checked on figure
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,13 +20,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def extension():
     """``benchmarks/finetune_extension.py`` imported the way the scripts import their neighbours."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import finetune_extension
-
-        yield finetune_extension
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        yield importlib.import_module("finetune_extension")
 
 
 def test_finetune_extension_smoke(tmp_path, run_benchmark, extension):
