@@ -553,9 +553,13 @@ def plot(report: dict[str, Any], path: str) -> None:
     axis.yaxis.set_minor_formatter(ScalarFormatter())
     axis.grid(True, alpha=0.3, which="both")
     axis.legend(fontsize=8)
-    verdict = report["verdicts"]
+    verdict, gate = report["verdicts"], report["gate"]
+    premise = "" if gate["passed"] else (
+        "premise absent: plain RoPE (L,2L] / (L/2,L] = "
+        + ", ".join(f"{ratio:.2f}" for ratio in gate["ratios"]) + f" < {gate['threshold']:g}\n"
+    )  # fmt: skip
     axis.set_title(
-        f"Llama {report['weights'] / 1e6:.1f}M weights, L = {report['sizes']['context']}, x2; "
+        f"{premise}Llama {report['weights'] / 1e6:.1f}M weights, L = {report['sizes']['context']}, x2; "
         f"claim (a): {verdict['a']['verdict']}, claim (b): {verdict['b']['verdict']}"
     )
     figure.tight_layout()
