@@ -1,6 +1,6 @@
 """Mini-replication of what the YaRN paper's Table 1 claims, with seeds, intervals and a gate.
 
-Run (about 40 minutes on 2 shared CPU cores; ``--preset smoke`` is CI's seconds-long version):
+Run (about 60 minutes on 2 shared CPU cores; ``--preset smoke`` is CI's seconds-long version):
     nice -n 10 .venv/bin/python benchmarks/finetune_extension.py \
         --json benchmarks/results/finetune_extension.json --plot docs/runs/finetune_extension.png
 
