@@ -46,6 +46,7 @@ import dataclasses
 import math
 import os
 import statistics
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -55,7 +56,7 @@ from unittest import mock
 
 import yarn_rope
 from _common import finish, table
-from vllm_logprobs import _imports_vllm, smollm2_folder
+from vllm_logprobs import smollm2_folder
 from yarn_rope.export import export
 from yarn_rope.vllm.plan import ServePlan
 
@@ -77,6 +78,9 @@ class Preset:
         max_tokens: greedy tokens each request of the timed load generates.
         crossing: ``(file, prompt tokens, generated tokens)`` of the request that crosses a bucket.
         rounds: paired timing rounds.
+        in_process: engine core and worker in the scorer's process (saves a process start and
+            vLLM's imports per engine: the smoke preset); by default they run as ``vllm serve``
+            runs them.
     """
 
     original: int
@@ -85,6 +89,7 @@ class Preset:
     max_tokens: int
     crossing: tuple[str, int, int]
     rounds: int
+    in_process: bool = False
 
     @property
     def context(self) -> int:
@@ -101,16 +106,40 @@ PRESETS = {
         crossing=("pickletools.py", 8180, 32),
         rounds=2,
     ),
-    # The same model declared as trained at 1,024 tokens: the same code paths in seconds.
+    # The same model declared as trained at 256 tokens: the same code paths in about a minute.
     "smoke": Preset(
-        original=1024,
-        short=(("argparse.py", 512),),
-        long=(("typing.py", 2032),),
-        max_tokens=16,
-        crossing=("pickletools.py", 1010, 32),
+        original=256,
+        short=(("argparse.py", 128),),
+        long=(("typing.py", 504),),
+        max_tokens=8,
+        crossing=("pickletools.py", 250, 8),
         rounds=1,
+        in_process=True,
     ),
 }
+
+
+def has_vllm(python: str) -> bool:
+    """Whether ``python`` finds vLLM (without importing it: that takes seconds)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+    except OSError:  # no such file, not executable
+        return False
+
+
+def threads_environment(threads: int) -> dict[str, str]:
+    """The engine's thread settings: ``threads`` unbound OpenMP threads, or (0) vLLM's defaults.
+
+    vLLM's CPU build binds one OpenMP thread per core by default; on a machine shared with other
+    jobs a descheduled thread stalls every parallel region of the others (spin-waits), which made
+    the smoke load 7x slower here (14 s against 2 s with one unbound thread) and its timings noisy.
+    """
+    if threads < 0:
+        raise ValueError(f"--threads must be 0 (vLLM's default) or a positive count, got {threads}")
+    if threads == 0:
+        return {}
+    return {"OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def _scaling(preset: Preset, method: str) -> yarn_rope.RopeScaling:
@@ -174,6 +203,11 @@ def crossings(plan: ServePlan, prompt: int, generated: int) -> list[int]:
     return [length for length in lengths if plan.bucket(length) > plan.bucket(length - 1)]
 
 
+def bucket_ends(plan: ServePlan) -> list[int]:
+    """The longest sequence each bucket serves."""
+    return [plan.capacity(bucket) for bucket in range(plan.num_buckets)]
+
+
 def check_workload(plan: ServePlan, preset: Preset) -> None:
     """The load must not cross a bucket while it decodes; the crossing request must."""
     for name, tokens in (*preset.short, *preset.long):
@@ -182,8 +216,8 @@ def check_workload(plan: ServePlan, preset: Preset) -> None:
             or tokens + preset.max_tokens > plan.max_model_len
         ):
             raise ValueError(
-                f"{name}: a {tokens}-token prompt that generates {preset.max_tokens} tokens crosses a bucket "
-                f"(ends {[plan.capacity(k) for k in range(plan.num_buckets)]}) or max_model_len {plan.max_model_len}"
+                f"{name}: a {tokens}-token prompt that generates {preset.max_tokens} tokens crosses a "
+                f"bucket end {bucket_ends(plan)} or max_model_len {plan.max_model_len}: shorten it"
             )
     _, prompt, generated = preset.crossing
     if not crossings(plan, prompt, generated):
@@ -209,7 +243,7 @@ def build_runs(engine: dict[str, dict[str, Any]], load: Workload, preset: Preset
                 {"name": f"{kind} {index}", "engine": engine[kind], "calls": calls, "count_preemptions": True}
             )
     runs.append({"name": "plain 0", "engine": engine["plain"], "calls": [quality]})
-    return runs
+    return [{**run, "in_process": preset.in_process} for run in runs]
 
 
 def group_perplexity(outputs: list[dict[str, Any]]) -> float:
@@ -264,12 +298,12 @@ def _print(
             group,
             ranges[group],
             *(row[kind] for kind in KINDS),
-            row["dynamic"] / row["plain"],
-            row["dynamic"] / row["static"],
+            f"{row['dynamic'] / row['plain'] - 1:+.2e}",
+            f"{row['dynamic'] / row['static'] - 1:+.2e}",
         ]
         for group, row in figures.items()
     ]
-    print(table(rows, ["group", "requests x tokens", *KINDS, "dynamic/plain", "dynamic/static"]))
+    print(table(rows, ["group", "requests x tokens", *KINDS, "dynamic/plain - 1", "dynamic/static - 1"]))
     print()
     rows = [
         [
@@ -295,7 +329,7 @@ def _print(
     print(table(rows, header))
     print(
         f"\nheadline: dynamic / static time of the mixed load {times['load_ratio']:.3f} (goal <= 1.05); "
-        f"the crossing request {times['crossing_ratio']:.3f}x static (+{times['crossing_extra_s']:.1f} s, "
+        f"the crossing request {times['crossing_ratio']:.3f}x static ({times['crossing_extra_s']:+.1f} s, "
         f"{recompute} tokens recomputed)"
     )
 
@@ -306,11 +340,17 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=None, help="paired timing rounds (default: the preset's)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the engine, unbound (default 1); 0: vLLM's default, a bound thread per core",
+    )
     parser.add_argument("--json", default=None, metavar="OUT")
     parser.add_argument(
         "--vllm-python",
         default=os.environ.get("YARN_ROPE_VLLM_PYTHON") or sys.executable,
-        help="the python of vLLM's venv, with yarn_rope installed (default: $YARN_ROPE_VLLM_PYTHON, else this one)",
+        help="the python of vLLM's venv, yarn_rope installed (default: $YARN_ROPE_VLLM_PYTHON, else this)",
     )
     args = parser.parse_args()
     preset = PRESETS[args.preset]
@@ -318,9 +358,9 @@ def main() -> int:
         if args.rounds < 1:
             parser.error(f"--rounds must be at least 1, got {args.rounds}")
         preset = dataclasses.replace(preset, rounds=args.rounds)
-    if not _imports_vllm(args.vllm_python):
+    if not has_vllm(args.vllm_python):
         print(
-            f"{args.vllm_python} cannot import vllm (bash .ci/vllm-venv builds a venv with its CPU build and "
+            f"{args.vllm_python} has no vllm (bash .ci/vllm-venv builds a venv with its CPU build and "
             "yarn_rope's plugin; pass --vllm-python): nothing to measure",
             file=sys.stderr,
         )
@@ -334,7 +374,9 @@ def main() -> int:
         load = workload(AutoTokenizer.from_pretrained(folder), preset)
         engine = engines(folder, preset)
         runs = build_runs(engine, load, preset)
-        report = run_scorer(args.vllm_python, {"ids": load.ids, "runs": runs}, Path(scratch), script=SCORER)
+        environment = threads_environment(args.threads)
+        job = {"ids": load.ids, "runs": runs}
+        report = run_scorer(args.vllm_python, job, Path(scratch), environment=environment, script=SCORER)
     figures = quality(report, load)
     times = timings(report, preset)
     _, prompt, generated = preset.crossing
@@ -351,9 +393,10 @@ def main() -> int:
             "settings": {
                 "original": preset.original,
                 "max_model_len": preset.context,
-                "bucket_ends": [plan.capacity(k) for k in range(plan.num_buckets)],
+                "bucket_ends": bucket_ends(plan),
                 "max_tokens": preset.max_tokens,
                 "engine": ENGINE,
+                "environment": environment,
                 "engines": {kind: {k: v for k, v in e.items() if k != "model"} for kind, e in engine.items()},
             },
             "workload": {"short": load.short, "long": load.long, "crossing": load.crossing},
