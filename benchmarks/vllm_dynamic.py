@@ -150,8 +150,11 @@ def _scaling(preset: Preset, method: str) -> yarn_rope.RopeScaling:
     return yarn_rope.RopeScaling(method=method, original_max_position_embeddings=preset.original)
 
 
-def engines(folder: Path, preset: Preset) -> dict[str, dict[str, Any]]:
-    """Each kind's ``vllm.LLM`` keywords: the export's verbatim, plus the shared settings."""
+def engines(
+    folder: Path, preset: Preset, settings: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each kind's ``vllm.LLM`` keywords: the export's verbatim, plus the shared ``settings``
+    (default :data:`ENGINE`)."""
     from yarn_rope.methods import yarn as yarn_family
 
     methods = {"plain": "none", "static": "yarn", "dynamic": "dynamic-yarn"}
@@ -162,7 +165,7 @@ def engines(folder: Path, preset: Preset) -> dict[str, dict[str, Any]]:
             exported = export(folder, "vllm", scaling=scaling, context_length=preset.context)
             if exported.environment:
                 raise RuntimeError(f"the {kind} export asks for environment variables {exported.environment}")
-            found[kind] = {**exported.python, **ENGINE}
+            found[kind] = {**exported.python, **(ENGINE if settings is None else settings)}
     return found
 
 
