@@ -349,21 +349,20 @@ def main() -> int:
         default=1,
         help="torch threads of the engine, unbound (default 1); 0: vLLM's default, a bound thread per core",
     )
-    parser.add_argument("--json", default=None, metavar="OUT")
     parser.add_argument(
-        "--vllm-python",
-        default=os.environ.get("YARN_ROPE_VLLM_PYTHON") or sys.executable,
-        help="the python of vLLM's venv, yarn_rope installed (default: $YARN_ROPE_VLLM_PYTHON, else this)",
+        "--vllm-python", metavar="PYTHON", help="vLLM's venv, yarn_rope installed ($YARN_ROPE_VLLM_PYTHON)"
     )
+    parser.add_argument("--json", default=None, metavar="OUT")
     args = parser.parse_args()
+    python = args.vllm_python or os.environ.get("YARN_ROPE_VLLM_PYTHON") or sys.executable
     preset = PRESETS[args.preset]
     if args.rounds is not None:
         if args.rounds < 1:
             parser.error(f"--rounds must be at least 1, got {args.rounds}")
         preset = dataclasses.replace(preset, rounds=args.rounds)
-    if not has_vllm(args.vllm_python):
+    if not has_vllm(python):
         print(
-            f"{args.vllm_python} has no vllm (bash .ci/vllm-venv builds a venv with its CPU build and "
+            f"{python} has no vllm (bash .ci/vllm-venv builds a venv with its CPU build and "
             "yarn_rope's plugin; pass --vllm-python): nothing to measure",
             file=sys.stderr,
         )
@@ -379,7 +378,7 @@ def main() -> int:
         runs = build_runs(engine, load, preset)
         environment = threads_environment(args.threads)
         job = {"ids": load.ids, "runs": runs}
-        report = run_scorer(args.vllm_python, job, Path(scratch), environment=environment, script=SCORER)
+        report = run_scorer(python, job, Path(scratch), environment=environment, script=SCORER)
     figures = quality(report, load)
     times = timings(report, preset)
     _, prompt, generated = preset.crossing
