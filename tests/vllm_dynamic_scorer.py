@@ -26,8 +26,11 @@ the breakage reaches them):
 * ``shared-prefix``: prefix-cache salts ignore the table, so blocks are shared across buckets.
 
 OUT.json: ``{"vllm": version, "runs": {name: {"calls": [[{"prompt_nll": [...] | null,
-"tokens": [generated ids], "logprobs": [their logprobs]}, ...]], "load_s", "run_s",
-"compilation": {"mode", "backend"} of vLLM's final config}}}``.
+"tokens": [generated ids], "logprobs": [their logprobs]}, ...]], "load_s", "run_s", "call_s",
+"compilation": {"mode", "backend"} of vLLM's final config}}}``; ``call_s`` holds each call's own
+``generate`` seconds, in order (benchmarks/vllm_dynamic.py times them). A run with
+``"count_preemptions": true`` (optional) turns vLLM's statistics on and adds ``"preemptions"``: how
+many preemptions (recomputes) each call caused, from ``vllm:num_preemptions``.
 """
 
 from __future__ import annotations
@@ -89,6 +92,11 @@ def _request_output(output: Any, ids: list[int], prompt_logprobs: bool) -> dict[
     return {"prompt_nll": prompt_nll, "tokens": tokens, "logprobs": logprobs}
 
 
+def _preemptions(llm: Any) -> int:
+    """vLLM's cumulative preemption count for this engine (its statistics must be on)."""
+    return int(sum(metric.value for metric in llm.get_metrics() if metric.name == "vllm:num_preemptions"))
+
+
 def run(job_ids: list[int], spec: dict[str, Any]) -> dict[str, Any]:
     """One engine built from ``spec["engine"]``, its calls in order; their outputs and times."""
     from vllm import LLM, SamplingParams
@@ -101,6 +109,9 @@ def run(job_ids: list[int], spec: dict[str, Any]) -> dict[str, Any]:
         os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     saved_environment = {name: os.environ.get(name) for name in spec.get("env", {})}
     os.environ.update(spec.get("env", {}))
+    counting = bool(spec.get("count_preemptions"))
+    if counting:
+        engine_kwargs["disable_log_stats"] = False
     restore = None
     if spec.get("variant"):
         if not spec.get("in_process"):
@@ -112,7 +123,7 @@ def run(job_ids: list[int], spec: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         llm = LLM(**engine_kwargs)
         loaded = time.perf_counter()
-        calls = []
+        calls, call_seconds, preemptions = [], [], []
         for call in spec["calls"]:
             prompts, params = [], []
             for request in call:
@@ -126,7 +137,12 @@ def run(job_ids: list[int], spec: dict[str, Any]) -> dict[str, Any]:
                         prompt_logprobs=0 if request.get("prompt_logprobs") else None,
                     )
                 )
+            before = _preemptions(llm) if counting else 0
+            began = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
+            call_seconds.append(time.perf_counter() - began)
+            if counting:
+                preemptions.append(_preemptions(llm) - before)
             calls.append(
                 [
                     _request_output(output, prompt["prompt_token_ids"], bool(request.get("prompt_logprobs")))
@@ -150,7 +166,16 @@ def run(job_ids: list[int], spec: dict[str, Any]) -> dict[str, Any]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return {"calls": calls, "load_s": loaded - started, "run_s": finished - loaded, "compilation": compiled}
+    result = {
+        "calls": calls,
+        "load_s": loaded - started,
+        "run_s": finished - loaded,
+        "call_s": call_seconds,
+        "compilation": compiled,
+    }
+    if counting:
+        result["preemptions"] = preemptions
+    return result
 
 
 def main(job_path: str, out_path: str) -> int:
