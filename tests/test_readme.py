@@ -721,3 +721,24 @@ class TestDemoOutputs:
         assert cli.main(["demo", *argv]) == 2
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1
+
+
+def test_readme_vllm_dynamic_table_is_the_benchmark_record():
+    """The README's "Serve dynamic YaRN with vLLM" figures are benchmarks/results/vllm_dynamic.json's."""
+    record = json.loads((ROOT / "benchmarks" / "results" / "vllm_dynamic.json").read_text(encoding="utf-8"))
+    text = PAGES[README]
+    rows = {
+        "short": r"^\| 4 short \(1-4k tokens\) \|(.*)\|$",
+        "long": r"^\| 2 long \(12-16k tokens\) \|(.*)\|$",
+    }
+    for group, pattern in rows.items():
+        match = re.search(pattern, text, flags=re.MULTILINE)
+        assert match, group
+        shown = [float(cell) for cell in match.group(1).split("|")]
+        measured = record["perplexity"][group]
+        assert shown == [round(measured[arm], 3) for arm in ("plain", "static", "dynamic")], (group, shown)
+    assert len(record["workload"]["short"]) == 4 and len(record["workload"]["long"]) == 2
+    assert f"takes {record['headline']:.3f}x static YaRN's time" in text
+    crossing = record["crossing"]
+    assert f"({crossing['prompt']:,} + {crossing['generated']} tokens) takes {crossing['ratio']:.2f}x" in text
+    assert f"one recompute of {crossing['recompute_tokens']:,} tokens" in text
