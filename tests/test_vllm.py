@@ -170,12 +170,9 @@ def test_missing_venv_skips_or_fails_when_required(monkeypatch, tmp_path):
         vllm_python()
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The float32 SmolLM2 folder vLLM reads, the token ids and yarn_rope's per-token NLLs."""
-    import torch
-
-    from yarn_rope.eval import token_nll
+def smollm2_for_vllm(factory: pytest.TempPathFactory, tokens: int) -> tuple[Path, Any, Path, list[int]]:
+    """vLLM's python, SmolLM2 (float32), the folder vLLM reads it from and the first ``tokens`` ids
+    of the default text (``_pydecimal.py``); skips (or fails, see :func:`vllm_python`) without them."""
     from yarn_rope.eval.data import default_corpus, load_default_model
 
     python = vllm_python()  # first: without the engine nothing below is worth computing
@@ -183,11 +180,22 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         model, tokenizer = load_default_model()
     except (FileNotFoundError, ImportError) as error:
         pytest.skip(str(error))
-    folder = tmp_path_factory.mktemp("smollm2-f32")
+    folder = factory.mktemp("smollm2-f32")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    ids = [int(i) for i in tokenizer(default_corpus(1)[0][1]).input_ids[:YARN_TOKENS]]
-    assert len(ids) == YARN_TOKENS
+    ids = [int(i) for i in tokenizer(default_corpus(1)[0][1]).input_ids[:tokens]]
+    assert len(ids) == tokens
+    return python, model, folder, ids
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The float32 SmolLM2 folder vLLM reads, the token ids and yarn_rope's per-token NLLs."""
+    import torch
+
+    from yarn_rope.eval import token_nll
+
+    python, model, folder, ids = smollm2_for_vllm(tmp_path_factory, YARN_TOKENS)
     started = time.perf_counter()
     with yarn_rope.patched(model, method="none", angles="fp32"):
         plain = token_nll(model, torch.tensor(ids[:PLAIN_TOKENS]), progress=False).numpy()

@@ -44,7 +44,7 @@ import pytest
 import torch
 
 import yarn_rope
-from test_vllm import ORIGINAL, agrees, compare, vllm_python
+from test_vllm import ORIGINAL, agrees, compare, smollm2_for_vllm
 from vllm_scorer import run_scorer
 from yarn_rope.export import export
 from yarn_rope.vllm.plan import DEFAULT_GROWTH
@@ -208,19 +208,9 @@ def _runs(folder: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The model, its folder, the ids and every run's outputs."""
-    from yarn_rope.eval.data import default_corpus, load_default_model
     from yarn_rope.methods import yarn as yarn_family
 
-    python = vllm_python()
-    try:
-        model, tokenizer = load_default_model()
-    except (FileNotFoundError, ImportError) as error:
-        pytest.skip(str(error))
-    folder = tmp_path_factory.mktemp("smollm2-f32")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    ids = [int(i) for i in tokenizer(default_corpus(1)[0][1]).input_ids[:LONG]]
-    assert len(ids) == LONG
+    python, model, folder, ids = smollm2_for_vllm(tmp_path_factory, LONG)
     # The export is made as where vLLM (and so the plugin) is installed: this venv has no vLLM.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(yarn_family, "vllm_installed", lambda: True)

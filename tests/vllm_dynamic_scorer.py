@@ -36,12 +36,9 @@ many preemptions (recomputes) each call caused, from ``vllm:num_preemptions``.
 from __future__ import annotations
 
 import gc
-import json
 import os
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 
@@ -178,24 +175,7 @@ def run(job_ids: list[int], spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def main(job_path: str, out_path: str) -> int:
-    import vllm
-
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    results: dict[str, Any] = {}
-    for spec in job["runs"]:
-        results[spec["name"]] = run(job["ids"], spec)
-        print(
-            f"vllm_dynamic_scorer: {spec['name']}: load {results[spec['name']]['load_s']:.1f} s, "
-            f"run {results[spec['name']]['run_s']:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-    Path(out_path).write_text(json.dumps({"vllm": vllm.__version__, "runs": results}), encoding="utf-8")
-    return 0
-
-
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(f"usage: {sys.argv[0]} JOB.json OUT.json")
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    from vllm_scorer import command_line  # the same directory: the script's own is on sys.path
+
+    command_line(lambda job, spec: run(job["ids"], spec))

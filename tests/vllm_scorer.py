@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,25 +99,38 @@ def run_scorer(
     return report
 
 
-def main(job_path: str, out_path: str) -> int:
+def serve_jobs(
+    job_path: str, out_path: str, runner: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+) -> int:
+    """Each run of JOB.json through ``runner(job, run)``; OUT.json ``{"vllm": version, "runs": {name:
+    result}}``, one line per run on stderr (the scorers' shared driver)."""
     import vllm
 
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     results: dict[str, Any] = {}
     for run in job["runs"]:
-        engine = {**job.get("engine", {}), **run["engine"]}
-        results[run["name"]] = score(engine, job["ids"][: run["tokens"]])
-        print(
-            f"vllm_scorer: {run['name']}: load {results[run['name']]['load_s']:.1f} s, "
-            f"{run['tokens']} tokens {results[run['name']]['score_s']:.1f} s",
-            file=sys.stderr,
-            flush=True,
+        results[run["name"]] = runner(job, run)
+        times = ", ".join(
+            f"{key} {value:.1f} s"
+            for key, value in results[run["name"]].items()
+            if key.endswith("_s") and isinstance(value, float)
         )
+        print(f"{Path(sys.argv[0]).stem}: {run['name']}: {times}", file=sys.stderr, flush=True)
     Path(out_path).write_text(json.dumps({"vllm": vllm.__version__, "runs": results}), encoding="utf-8")
     return 0
 
 
-if __name__ == "__main__":
+def command_line(runner: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]) -> None:
+    """``python SCORER.py JOB.json OUT.json``: :func:`serve_jobs` with ``runner``, then exit."""
     if len(sys.argv) != 3:
         sys.exit(f"usage: {sys.argv[0]} JOB.json OUT.json")
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(serve_jobs(sys.argv[1], sys.argv[2], runner))
+
+
+def _score_run(job: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    engine = {**job.get("engine", {}), **run["engine"]}
+    return score(engine, job["ids"][: run["tokens"]])
+
+
+if __name__ == "__main__":
+    command_line(_score_run)
