@@ -940,6 +940,21 @@ def test_deepseek_v1_to_vllm_keeps_linear():
     assert result.settings["rope_parameters"]["rope_type"] == "linear"
 
 
+@pytest.mark.parametrize("attention", [{"attn_factor": 1.2}, {"mscale": 1.0, "mscale_all_dim": 0.5}, {}])
+def test_deepseek_v1_to_vllm_yarn_is_spelled_for_vllm_s_own_yarn_class(attention):
+    """DeepSeek V1 (DeepseekForCausalLM, model_type "deepseek") keeps the "yarn" type: vLLM builds its
+    generic YaRN class, which ignores a lone mscale, so the generic spelling (attention_factor) serves it,
+    not DeepSeek V2's."""
+    config = {"model_type": "deepseek", "architectures": ["DeepseekForCausalLM"], "hidden_size": 2048}
+    config |= {"num_attention_heads": 16, "rope_theta": BASE, "max_position_embeddings": 4096}
+    result = export(
+        config, "vllm", method="yarn", factor=4.0, original_max_position_embeddings=4096, **attention
+    )
+    assert result.settings["rope_parameters"]["rope_type"] == "yarn"
+    table, scale = vllm_rope(result.settings, 128)
+    assert_same(table, scale, result.scaling, dim=128)
+
+
 @pytest.mark.parametrize("config", [DEEPSEEK_V2, DEEPSEEK_V3], ids=["v2", "v3"])
 def test_deepseek_ntk_to_vllm_is_plain_rope_over_the_rotated_dims(tmp_path, config):
     """NTK-aware scaling is spelled rope_type "default" with a new base, which vLLM's DeepSeek

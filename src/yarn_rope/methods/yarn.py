@@ -164,8 +164,9 @@ def _yarn_rope_keys(s: Settings) -> dict[str, Any]:
 
 #: vLLM model classes whose model file (model_executor/models/deepseek_v2.py, 0.32.0 and 0.33.0) turns
 #: any rope type but "default" into deepseek_yarn, or deepseek_llama_scaling when
-#: ``attention_factor == 1.0``.
-_VLLM_DEEPSEEK = frozenset({"DeepseekForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"})
+#: ``attention_factor == 1.0``. Not DeepseekForCausalLM (V1, model_type "deepseek"): its attention
+#: (DeepseekAttention) keeps the type, so vLLM's generic YaRN class serves it.
+_VLLM_DEEPSEEK = frozenset({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"})
 
 
 def _vllm_deepseek_yarn(s: Settings, model: S.ServeModel) -> S.EngineSettings:
