@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from ._model import plan_of_config, rotaries_of
 from .plan import ServePlan
@@ -181,8 +182,6 @@ def fill_offsets(
             )
         full = np.zeros(buffer.shape[0], dtype=np.int64)
         full[: offsets.shape[0]] = offsets
-        import torch
-
         buffer.copy_(torch.from_numpy(full))
 
 
