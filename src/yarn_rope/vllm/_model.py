@@ -180,7 +180,11 @@ def _get_rope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     install_runner()  # the runner that builds this model is imported by now
     plan = plan_of_config(vllm_config)
     if plan is None:  # per-layer dicts: this layer's is ours though the full-attention one is not
-        plan = plan_from(rope, int(vllm_config.model_config.max_model_len), None)
+        raise ValueError(
+            f"yarn_rope's vLLM plugin serves {rope['rope_type']} when the config declares it for the model "
+            "(or its full-attention layers); here only another layer type's rope dict names it: declare "
+            "it in the full-attention dict"
+        )
     head_size = int(call["head_size"])
     rotary_dim = int(rope.get("rope_dim") or head_size * rope.get("partial_rotary_factor", 1.0))
     base = float(rope.get("rope_theta", 10000))
