@@ -17,6 +17,7 @@ transformers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -114,7 +115,7 @@ class ServePlan:
         module in transformers rounds every length of the bucket up to it."""
         return self.threshold if bucket == 0 else grid_point(bucket, self.threshold, self.growth)
 
-    @property
+    @functools.cached_property
     def num_buckets(self) -> int:
         """Buckets up to the one that serves ``max_model_len`` tokens."""
         return self.bucket(self.max_model_len) + 1
@@ -123,7 +124,7 @@ class ServePlan:
         """Rows (positions) of bucket ``bucket``'s table: its capacity, at most ``max_model_len``."""
         return min(self.capacity(bucket), self.max_model_len)
 
-    @property
+    @functools.cached_property
     def row_starts(self) -> tuple[int, ...]:
         """The first row of each bucket's table in :meth:`cos_sin_cache`."""
         starts = [0]
@@ -131,7 +132,7 @@ class ServePlan:
             starts.append(starts[-1] + self.rows(bucket))
         return tuple(starts)
 
-    @property
+    @functools.cached_property
     def total_rows(self) -> int:
         return sum(self.rows(bucket) for bucket in range(self.num_buckets))
 
